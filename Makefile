@@ -1,0 +1,42 @@
+# The two commands of the README:  make demo  (the main job)  and  make test  (the test suite).
+# Both create .venv and install what is missing, so on a fresh machine they are all the set-up.
+#
+# torch is installed FIRST and never upgraded afterwards: on this CPU machine TORCH pins the local
+# CPU wheel; on a GPU machine set TORCH to your CUDA build (or create .venv with your torch in it).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.mv3d-installed
+PYTEST_ARGS ?=
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install demo test test-fast clean-demo help
+
+help:
+	@echo "make demo   run the CPU demo on synthetic data (creates .venv on first use)"
+	@echo "make test   run the whole test suite (creates .venv on first use)"
+
+$(STAMP): pyproject.toml plugins/mv3d-stats/pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || { echo "installing $(TORCH)"; $(PIP) install "$(TORCH)"; }
+	$(PIP) install -e ".[dev]"
+	$(PIP) install -e plugins/mv3d-stats
+	@$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	bash recipes/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf demo

@@ -1,0 +1,16 @@
+"""mv3d: MedVista3D — 3D CT vision-language pretraining and its downstream tasks, as a CLI of
+composable stages.
+
+Public API (importing it is cheap: no torch, no heavy libraries)::
+
+    from mv3dtk import Stage, Artifact, Project, StageContext, pass_stage_context, Mv3dError
+"""
+
+__version__ = "0.1.0"
+
+from .errors import Mv3dError  # noqa: E402
+from .project import Project  # noqa: E402
+from .registry import Artifact, Stage  # noqa: E402
+from .runs import StageContext, pass_stage_context  # noqa: E402
+
+__all__ = ["Artifact", "Mv3dError", "Project", "Stage", "StageContext", "pass_stage_context", "__version__"]

@@ -1,0 +1,1 @@
+"""Dataset readers, preprocessing and the synthetic CT-RATE generator."""

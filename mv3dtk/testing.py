@@ -1,0 +1,53 @@
+"""pytest fixtures for stage and plugin authors (auto-loaded through the ``pytest11`` entry point).
+
+    def test_my_stage(mv3d_project, mv3d_cli, synthetic_ctrate):
+        result = mv3d_cli(["my-stage", str(synthetic_ctrate)], project=mv3d_project)
+        assert (mv3d_project.root / "my-stage" / "out.csv").exists()
+
+Everything here is real: a real project directory, the real CLI, a real synthetic dataset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+
+
+@pytest.fixture
+def mv3d_project(tmp_path: Path):
+    """A freshly initialised, empty project."""
+    from .project import Project
+
+    return Project.init(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def synthetic_ctrate(tmp_path_factory) -> Path:
+    """A small synthetic CT-RATE + RadGenome dataset (made once per test session)."""
+    from .data.synth import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic_ctrate")
+    make_synthetic_dataset(root, n_train=6, n_valid=3, shape=(32, 64, 64), seed=0)
+    return root
+
+
+@pytest.fixture
+def mv3d_cli() -> Callable:
+    """Invoke the ``mv3d`` CLI in-process. ``ok=True`` asserts exit code 0 and shows the output
+    and traceback when it is not; ``ok=False`` asserts a failure."""
+    from click.testing import CliRunner
+
+    from .cli import cli
+
+    def invoke(args: Sequence[str], project=None, ok: bool | None = True, env: dict | None = None):
+        argv = (["-P", str(getattr(project, "root", project))] if project is not None else []) + list(args)
+        result = CliRunner().invoke(cli, argv, env=env, catch_exceptions=True)
+        if ok is True:
+            assert result.exit_code == 0, f"mv3d {' '.join(argv)} failed:\n{result.output}\n{result.exception!r}"
+        elif ok is False:
+            assert result.exit_code != 0, f"mv3d {' '.join(argv)} unexpectedly succeeded:\n{result.output}"
+        return result
+
+    return invoke
