@@ -76,6 +76,21 @@ def resolved_config(ctx: click.Context) -> dict[str, dict[str, Any]]:
     return out
 
 
+def redact_argv(argv: list[str]) -> list[str]:
+    """``["--api-key", "sk-1"]`` / ``["--api-key=sk-1"]`` -> the value replaced by ``***``."""
+    out, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+        elif arg.startswith("-") and SECRET_NAME.search(arg.split("=", 1)[0]):
+            out.append(arg.split("=", 1)[0] + "=" + REDACTED if "=" in arg else arg)
+            hide_next = "=" not in arg
+        else:
+            out.append(arg)
+    return out
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v

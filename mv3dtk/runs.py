@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import os
 import platform
 import socket
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .config import check_stage_settings, resolved_config
+from .config import check_stage_settings, redact_argv, resolved_config
 from .errors import MissingInputError, MissingOutputError
 from .fs import atomic_write_json, clean_temporaries
 from .log import add_file_handler, get_logger, remove_handler
@@ -147,7 +148,7 @@ class RunRecord:
         self.started = time.time()
         self.data: dict[str, Any] = {
             "run_id": sctx.run_id, "stage": sctx.stage.name, "distribution": sctx.stage.distribution,
-            "status": "running", "argv": sys.argv, "cwd": os.getcwd(), "project": str(sctx.project.root),
+            "status": "running", "argv": redact_argv(sys.argv), "cwd": os.getcwd(), "project": str(sctx.project.root),
             "config": sctx.config, "inputs": inputs, "outputs": {}, "versions": _versions(),
             "git_rev": _git_rev(), "host": socket.gethostname(), "pid": os.getpid(),
             "world_size": sctx.dist.world_size, "started": utc_now(), "finished": None,
@@ -197,6 +198,19 @@ def _record_in_manifest(sctx: StageContext, status: str, inputs: dict, outputs: 
     sctx.project.update_manifest(change)
 
 
+def mark_killed_runs(project: Project, stage: str) -> None:
+    """Runs of ``stage`` still marked ``running`` while we hold its lock died without a word
+    (SIGKILL, power loss): say so in their records."""
+    for run_json in project.runs_dir.glob(f"*-{stage}*/run.json"):
+        try:
+            rec = json.loads(run_json.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("stage") == stage and rec.get("status") == "running":
+            rec.update(status="killed", error="the process ended without finishing (killed or crashed)")
+            atomic_write_json(run_json, rec)
+
+
 def run_stage(sctx: StageContext, registry: Registry, body: Callable[[], Any]) -> Any:
     """Run ``body`` as one recorded stage run inside ``sctx.project`` (rank 0 records)."""
     stage, project = sctx.stage, sctx.project
@@ -206,6 +220,7 @@ def run_stage(sctx: StageContext, registry: Registry, body: Callable[[], Any]) -
     with project.stage_lock(stage.name).acquire(holder=f"pid {os.getpid()} on {socket.gethostname()}"):
         for a in stage.outputs:  # temporaries of a run that was killed
             clean_temporaries((project.root / a.path).parent)
+        mark_killed_runs(project, stage.name)
         sctx.run_id, sctx.run_dir = new_run_dir(project, stage.name)
         record = RunRecord(sctx, inputs)
         sctx.log.info("run %s started (log: %s)", sctx.run_id, sctx.run_dir / "log.txt")

@@ -1,0 +1,44 @@
+"""Shared fixtures. ``mv3d_project``, ``mv3d_cli`` and ``synthetic_ctrate`` come from
+``mv3dtk.testing`` (a pytest11 plugin, also available to plugin authors)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from mv3dtk import registry
+from helpers import ENTRY_POINTS, TEST_STAGES, make_distribution
+
+
+@pytest.fixture
+def plugin_path(tmp_path, monkeypatch):
+    """A folder on sys.path (and PYTHONPATH for subprocesses) where tests install distributions."""
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    registry.clear_cache()
+    yield root
+    registry.clear_cache()
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch):
+    """No test sees the developer's MV3D_* environment, and the stage cache starts clean."""
+    for k in list(os.environ):
+        if k.startswith("MV3D_"):
+            monkeypatch.delenv(k)
+    registry.clear_cache()
+    yield
+    registry.clear_cache()
+
+
+@pytest.fixture
+def teststages(plugin_path):
+    """Install the test distribution ``mv3d-teststages`` (stages make-a, use-a, forgetful)."""
+    make_distribution(plugin_path, "mv3d-teststages", ENTRY_POINTS, {"mv3d_teststages": TEST_STAGES})
+    registry.clear_cache()
+    yield plugin_path
+    sys.modules.pop("mv3d_teststages", None)

@@ -1,0 +1,91 @@
+"""Test helpers: real distributions on disk, the real console script, a test plugin's source."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_distribution(root: Path, name: str, entry_points: dict[str, str], modules: dict[str, str],
+                      version: str = "0.1.0") -> Path:
+    """Write a real installed distribution (``*.dist-info`` + modules) into ``root``; putting
+    ``root`` on ``sys.path`` / ``PYTHONPATH`` makes importlib.metadata find its entry points."""
+    root.mkdir(parents=True, exist_ok=True)
+    info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = ["[mv3d.stages]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    for mod, src in modules.items():
+        (root / f"{mod}.py").write_text(textwrap.dedent(src))
+    return root
+
+
+def run_mv3d(*args: str, env: dict | None = None, cwd: Path | None = None, check: bool = True,
+             timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the real ``mv3d`` console script in a subprocess."""
+    exe = Path(sys.executable).with_name("mv3d")
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          cwd=cwd, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mv3d {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+
+TEST_STAGES = '''
+import os, time
+from pathlib import Path
+import click
+from mv3dtk import Artifact, Mv3dError, Stage, pass_stage_context
+from mv3dtk.fs import atomic_path, atomic_write_text
+
+
+@click.command("make-a")
+@click.option("--value", default=1, type=int, help="Value to write.")
+@click.option("--api-key", default=None, help="A secret that must never be recorded.")
+@click.option("--sleep", default=0.0, type=float)
+@click.option("--fail-after-partial", is_flag=True, help="Write half a file, then fail.")
+@click.option("--user-error", is_flag=True)
+@pass_stage_context
+def make_a(sctx, value, api_key, sleep, fail_after_partial, user_error):
+    """Write make-a/data.txt."""
+    sctx.log.info("make-a writing value %d", value)
+    time.sleep(sleep)
+    if user_error:
+        raise Mv3dError("bad value; pass --value 5")
+    with atomic_path(sctx.output_path("make-a.data")) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write(f"value={value}\\n")
+            if fail_after_partial:
+                fh.write("partial")
+                fh.flush()
+                raise RuntimeError("crashed half-way")
+
+
+@click.command("use-a")
+@pass_stage_context
+def use_a(sctx):
+    """Read make-a's output, write use-a/result.txt."""
+    data = sctx.input_path("make-a.data").read_text()
+    atomic_write_text(sctx.output_path("use-a.result"), data.upper())
+
+
+@click.command("forgetful")
+@pass_stage_context
+def forgetful(sctx):
+    """Declares an output and never writes it."""
+
+
+MAKE_A = Stage("make-a", make_a, outputs=(Artifact("make-a.data", "make-a/data.txt"),))
+USE_A = Stage("use-a", use_a, inputs=("make-a.data",), outputs=(Artifact("use-a.result", "use-a/result.txt"),))
+FORGETFUL = Stage("forgetful", forgetful, outputs=("forgetful.out",))
+'''
+
+ENTRY_POINTS = {"make-a": "mv3d_teststages:MAKE_A", "use-a": "mv3d_teststages:USE_A",
+                "forgetful": "mv3d_teststages:FORGETFUL"}
