@@ -111,7 +111,7 @@ def _allowed_plugins() -> set[str] | None:
     raw = os.environ.get(LOAD_PLUGINS_ENV)
     if raw is None:
         return None
-    return {normalize_dist(x) for x in raw.split(",") if x.strip()}
+    return {normalize_dist(x.strip()) for x in raw.split(",") if x.strip()}
 
 
 def _dist_of(ep: metadata.EntryPoint) -> tuple[str, str]:

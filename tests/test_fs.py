@@ -1,0 +1,91 @@
+"""Atomic writes: an interrupted write (exception or SIGKILL) leaves the old file, never a torn one."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mv3dtk.fs import FileLock, atomic_path, atomic_write_json, atomic_write_text, clean_temporaries, read_json
+from mv3dtk.errors import StageLockedError
+
+
+def test_exception_during_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "a.json"
+    atomic_write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"v": 2, "torn')
+            raise RuntimeError("boom")
+    assert read_json(target) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_temporary_keeps_the_extension(tmp_path):
+    with atomic_path(tmp_path / "x.nii.gz") as tmp:
+        assert tmp.name.endswith("x.nii.gz") and tmp.parent == tmp_path
+        tmp.write_bytes(b"1")
+    assert (tmp_path / "x.nii.gz").read_bytes() == b"1"
+
+
+def test_directory_is_replaced_whole(tmp_path):
+    target = tmp_path / "model"
+    for version in ("old", "new"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "weights").write_text(version)
+    assert (target / "weights").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_sigkill_mid_write_leaves_old_file_and_cleanable_temporary(tmp_path):
+    target = tmp_path / "big.bin"
+    atomic_write_text(target, "old")
+    code = (
+        "import sys, time\n"
+        "from mv3dtk.fs import atomic_path\n"
+        f"with atomic_path({str(target)!r}) as tmp:\n"
+        "    fh = open(tmp, 'wb')\n"
+        "    fh.write(b'x' * 1000); fh.flush()\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert target.read_text() == "old"
+    leftovers = [x for x in tmp_path.iterdir() if x.name != "big.bin"]
+    assert len(leftovers) == 1  # the dead writer's temporary ...
+    assert clean_temporaries(tmp_path) == 1  # ... is recognised as orphaned and removed
+    assert [x.name for x in tmp_path.iterdir()] == ["big.bin"]
+
+
+def test_clean_temporaries_spares_live_writers(tmp_path):
+    with atomic_path(tmp_path / "f") as tmp:
+        tmp.write_text("in progress")
+        assert clean_temporaries(tmp_path) == 0 and tmp.exists()
+
+
+def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    code = (
+        "import time\n"
+        "from mv3dtk.fs import FileLock\n"
+        f"lock = FileLock({str(tmp_path / 'l.lock')!r}, 'thing').acquire(holder='pid 4242 on box')\n"
+        "print('held', flush=True); time.sleep(60)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        with pytest.raises(StageLockedError, match="thing is in use by pid 4242 on box"):
+            FileLock(tmp_path / "l.lock", "thing").acquire(timeout=0.3)
+        assert time.monotonic() - t0 >= 0.3
+    finally:
+        p.kill()
+        p.wait()
+    with FileLock(tmp_path / "l.lock", "thing"):  # free again once the holder is gone
+        pass
