@@ -119,7 +119,7 @@ def init(directory: str) -> None:
 @click.option("--json", "json_", is_flag=True, help="Print JSON to stdout.")
 @click.pass_obj
 def status(state: RootState, json_: bool) -> None:
-    """Show every stage of the project: missing, done, stale or failed."""
+    """Show every stage of the project: missing, running, done, stale or failed."""
     project = Project(state.project).require()
     manifest = project.manifest()
     rows = []

@@ -142,6 +142,18 @@ class FileLock:
         self._fh = fh
         return self
 
+    def is_held(self) -> bool:
+        """Whether some process holds the lock right now (probes without keeping it)."""
+        if not self.path.exists():
+            return False
+        with open(self.path, "a+", encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False
+
     def release(self) -> None:
         if self._fh is not None:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)

@@ -174,8 +174,11 @@ def _empty_manifest() -> dict[str, Any]:
 
 
 def stage_status(project: Project, name: str, manifest: dict[str, Any] | None = None) -> str:
-    """``missing`` (never succeeded, or an output was deleted), ``done``, ``stale`` (an input was
-    re-made after this stage last ran) or ``failed`` (its last run failed)."""
+    """``running`` (a process holds its lock), ``missing`` (never succeeded, or an output was
+    deleted), ``done``, ``stale`` (an input was re-made after this stage last ran) or ``failed``
+    (its last run failed)."""
+    if project.stage_lock(name).is_held():
+        return "running"
     m = manifest if manifest is not None else project.manifest()
     rec = m["stages"].get(name)
     if rec is None:

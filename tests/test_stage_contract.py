@@ -146,6 +146,8 @@ def test_two_processes_running_the_same_stage_fail_cleanly(teststages, mv3d_proj
         deadline = time.time() + 30
         while not list(mv3d_project.runs_dir.glob("*/log.txt")) and time.time() < deadline:  # holds the lock
             time.sleep(0.05)
+        status = subprocess.run([*exe, "status", "--json"], capture_output=True, text=True, timeout=60)
+        assert {r["stage"]: r["status"] for r in json.loads(status.stdout)}["make-a"] == "running"
         second = subprocess.run([*exe, "make-a", "--value", "2"], capture_output=True, text=True, timeout=60)
         assert second.returncode == 1
         assert "Error: stage 'make-a' in project" in second.stderr and "is in use by pid" in second.stderr
