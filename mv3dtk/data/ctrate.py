@@ -70,6 +70,8 @@ REGION_TEXT_COLUMNS: tuple[str, ...] = ("Volumename", "Anatomy", "Sentence")  # 
 
 NOT_GIVEN = "Not given."  # what CT-RATE writes where a report section is absent
 
+SPLITS: tuple[str, ...] = ("train", "valid")
+
 SPLIT_FILE_NAMES = {  # split -> the word CT-RATE uses in its CSV names
     "train": "train",
     "valid": "validation",
@@ -114,6 +116,11 @@ def labels_csv(split: str) -> Path:
 def region_mask_dir(split: str) -> Path:
     """Root of RadGenome's per-volume region mask folders ``seg_<volume>/<region>.nii.gz``."""
     return Path("dataset", f"{split}_region_mask")
+
+
+def anatomy_mask_dir(split: str) -> Path:
+    """Root of RadGenome's fine-anatomy mask folders ``seg_<volume>/<leaf>.nii.gz``."""
+    return Path("dataset", f"{split}_anatomy_mask")
 
 
 def region_texts_csv(split: str) -> Path:

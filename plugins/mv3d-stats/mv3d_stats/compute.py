@@ -131,7 +131,9 @@ def plot(stats: dict[str, Any], path: Path) -> None:
     a.set(yticks=y + 0.2, yticklabels=ctrate.ABNORMALITIES, xlabel="fraction of volumes", title="Label prevalence")
     a.invert_yaxis()
     b.set(xlabel="words (findings + impressions)", ylabel="reports", title="Report length")
-    c.set(xlabel="HU", ylabel="fraction of voxels", yscale="log", title="HU histogram")
+    c.set(xlabel="HU", ylabel="fraction of voxels", title="HU histogram")
+    if any(stats["hu"][s].sum() for s in stats["splits"]):
+        c.set_yscale("log")
     for ax in (a, b, c):
         ax.legend()
     fig.tight_layout()
