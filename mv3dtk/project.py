@@ -175,16 +175,16 @@ def _empty_manifest() -> dict[str, Any]:
 
 def stage_status(project: Project, name: str, manifest: dict[str, Any] | None = None) -> str:
     """``running`` (a process holds its lock), ``missing`` (never succeeded, or an output was
-    deleted), ``done``, ``stale`` (an input was re-made after this stage last ran) or ``failed``
-    (its last run failed)."""
+    deleted), ``done``, ``stale`` (an input was re-made after this stage last ran), ``failed``
+    (its last run failed) or ``partial`` (its last run wrote only part, e.g. one shard)."""
     if project.stage_lock(name).is_held():
         return "running"
     m = manifest if manifest is not None else project.manifest()
     rec = m["stages"].get(name)
     if rec is None:
         return "missing"
-    if rec.get("status") == "failed":
-        return "failed"
+    if rec.get("status") in ("failed", "partial"):
+        return rec["status"]
     if rec.get("status") != "done":
         return "missing"
     for key in rec.get("outputs", []):

@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from importlib import metadata
+from typing import Callable
 
 import click
 
@@ -53,7 +54,8 @@ class Stage:
     group checks them and names the stage that makes a missing one). ``outputs`` are the artifacts
     the stage promises to write; they are fingerprinted into ``manifest.json`` after a successful
     run. A stage with ``project=False`` (e.g. ``synth``) works outside any project and leaves no
-    run record.
+    run record. ``lock`` lets runs that write disjoint parts (``prep --shard I/N``) run at once:
+    it maps the option values to the name of the lock a run takes.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Stage:
     inputs: tuple[str, ...] = ()
     outputs: tuple[Artifact | str, ...] = ()
     project: bool = True
+    lock: Callable[[dict], str] | None = None  # option values -> lock name (default: the stage name)
     distribution: str = field(default=CORE_DISTRIBUTION, compare=False)
 
     def __post_init__(self):

@@ -63,6 +63,16 @@ class StageContext:
     run_id: str | None = None
     run_dir: Path | None = None
     extra_outputs: dict[str, str] = field(default_factory=dict)
+    partial: str | None = None  # set by a run that wrote only part of its outputs (e.g. one shard)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {k: v["value"] for k, v in self.config.items()}
+
+    def mark_partial(self, reason: str) -> None:
+        """This run wrote only part of the stage's outputs: record it as ``partial`` and leave the
+        artifacts of the last complete run in the manifest."""
+        self.partial = reason
 
     @property
     def log(self):
@@ -143,12 +153,12 @@ def _git_rev() -> str | None:
 class RunRecord:
     """``runs/<id>/run.json`` (rewritten atomically at start and end) and ``log.txt``."""
 
-    def __init__(self, sctx: StageContext, inputs: dict[str, dict]):
+    def __init__(self, sctx: StageContext, inputs: dict[str, dict], lock_name: str):
         self.sctx = sctx
         self.started = time.time()
         self.data: dict[str, Any] = {
             "run_id": sctx.run_id, "stage": sctx.stage.name, "distribution": sctx.stage.distribution,
-            "status": "running", "argv": redact_argv(sys.argv), "cwd": os.getcwd(), "project": str(sctx.project.root),
+            "status": "running", "lock": lock_name, "argv": redact_argv(sys.argv), "cwd": os.getcwd(), "project": str(sctx.project.root),
             "config": sctx.config, "inputs": inputs, "outputs": {}, "versions": _versions(),
             "git_rev": _git_rev(), "host": socket.gethostname(), "pid": os.getpid(),
             "world_size": sctx.dist.world_size, "started": utc_now(), "finished": None,
@@ -191,22 +201,22 @@ def _record_in_manifest(sctx: StageContext, status: str, inputs: dict, outputs: 
         rec = {"status": status, "last_run": sctx.run_id, "finished": now, "error": error}
         if status == "done":
             rec.update(inputs=inputs, outputs=sorted(outputs))
-        else:  # keep what the last successful run made
+        else:  # failed or partial: keep what the last complete run made
             rec.update(inputs=prev.get("inputs", {}), outputs=prev.get("outputs", []))
         m["stages"][sctx.stage.name] = rec
 
     sctx.project.update_manifest(change)
 
 
-def mark_killed_runs(project: Project, stage: str) -> None:
-    """Runs of ``stage`` still marked ``running`` while we hold its lock died without a word
-    (SIGKILL, power loss): say so in their records."""
+def mark_killed_runs(project: Project, stage: str, lock_name: str) -> None:
+    """Runs of ``stage`` under the lock we now hold that are still marked ``running`` died without
+    a word (SIGKILL, power loss): say so in their records."""
     for run_json in project.runs_dir.glob(f"*-{stage}*/run.json"):
         try:
             rec = json.loads(run_json.read_text())
         except (OSError, ValueError):
             continue
-        if rec.get("stage") == stage and rec.get("status") == "running":
+        if rec.get("stage") == stage and rec.get("lock", stage) == lock_name and rec.get("status") == "running":
             rec.update(status="killed", error="the process ended without finishing (killed or crashed)")
             atomic_write_json(run_json, rec)
 
@@ -217,25 +227,27 @@ def run_stage(sctx: StageContext, registry: Registry, body: Callable[[], Any]) -
     inputs = check_inputs(stage, project, registry)
     if not sctx.dist.is_main:
         return body()
-    with project.stage_lock(stage.name).acquire(holder=f"pid {os.getpid()} on {socket.gethostname()}"):
+    lock_name = stage.lock(sctx.params) if stage.lock else stage.name
+    with project.stage_lock(lock_name).acquire(holder=f"pid {os.getpid()} on {socket.gethostname()}"):
         for a in stage.outputs:  # temporaries of a run that was killed
             clean_temporaries((project.root / a.path).parent)
-        mark_killed_runs(project, stage.name)
+        mark_killed_runs(project, stage.name, lock_name)
         sctx.run_id, sctx.run_dir = new_run_dir(project, stage.name)
-        record = RunRecord(sctx, inputs)
+        record = RunRecord(sctx, inputs, lock_name)
         sctx.log.info("run %s started (log: %s)", sctx.run_id, sctx.run_dir / "log.txt")
         try:
             result = body()
-            outputs = _collect_outputs(sctx)
+            outputs = {} if sctx.partial else _collect_outputs(sctx)
         except BaseException as e:
             msg = f"{type(e).__name__}: {e}" if not isinstance(e, KeyboardInterrupt) else "interrupted"
             sctx.log.debug("run %s failed", sctx.run_id, exc_info=True)
             record.finish("failed", error=msg)
             _record_in_manifest(sctx, "failed", inputs, {}, msg)
             raise
-        record.finish("done", outputs=outputs)
-        _record_in_manifest(sctx, "done", inputs, outputs, None)
-        sctx.log.info("run %s done in %.1f s", sctx.run_id, record.data["duration_s"])
+        status = "partial" if sctx.partial else "done"
+        record.finish(status, error=sctx.partial, outputs=outputs)
+        _record_in_manifest(sctx, status, inputs, outputs, sctx.partial)
+        sctx.log.info("run %s %s in %.1f s", sctx.run_id, status, record.data["duration_s"])
         return result
 
 

@@ -164,5 +164,7 @@ def needs_rescale(stored, hu_source: str = "auto") -> bool:
         raise ValueError(f"hu_source must be auto, raw or fixed, not {hu_source!r}")
     if hu_source != "auto":
         return hu_source == "raw"
-    sample = np.asarray(stored).ravel()[:: max(1, np.asarray(stored).size // 200_000)]
+    stored = np.asarray(stored)
+    step = max(1, round((stored.size / 200_000) ** (1 / stored.ndim)))
+    sample = stored[(slice(None, None, step),) * stored.ndim]  # strided view, no full copy
     return float(np.percentile(sample, 1)) > -500.0
