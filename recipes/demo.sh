@@ -3,8 +3,10 @@
 # Usage: recipes/demo.sh [DIR]   (default: demo/)
 set -euo pipefail
 DIR=${1:-demo}
+P="$DIR/project"
 
 mv3d synth "$DIR/ctrate" --n-train 8 --n-valid 4 --seed 0
-mv3d init "$DIR/project"
-mv3d -P "$DIR/project" stats "$DIR/ctrate"
-mv3d -P "$DIR/project" status
+mv3d init "$P"
+mv3d -P "$P" stats "$DIR/ctrate"
+mv3d -P "$P" prep "$DIR/ctrate" --spacing 3 1.5 1.5 --size 64 64 64 --workers 2
+mv3d -P "$P" status
