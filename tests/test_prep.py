@@ -333,3 +333,27 @@ def test_unknown_layout_is_explained(tmp_path, mv3d_project):
     (tmp_path / "empty").mkdir()
     proc = _prep(mv3d_project, str(tmp_path / "empty"), check=False)
     assert proc.returncode == 1 and "cannot tell the dataset layout" in proc.stderr and "--layout" in proc.stderr
+
+
+def test_missing_region_mask_falls_back_to_fine_anatomies(tmp_path, mv3d_project):
+    root = tmp_path / "fa"
+    make_synthetic_dataset(root, n_train=4, n_valid=1, shape=(24, 48, 48), seed=6)
+    texts = [r for r in ctrate.read_csv_rows(root / ctrate.region_texts_csv("train"))
+             if r["Anatomy"].startswith("lung/") and r["Anatomy"].rsplit("/", 1)[1] in ("right lung", "left lung")]
+    vid = texts[0]["Volumename"][:-7]
+    leaves = {r["Anatomy"].rsplit("/", 1)[1] for r in texts if r["Volumename"][:-7] == vid}
+    _prep(mv3d_project, str(root), *SMALL)
+    lung = np.uint16(1 << ctrate.REGIONS.index("lung"))
+    before = (np.load(mv3d_project.root / f"prep/masks/{vid}.npy") & lung) > 0
+    (root / ctrate.region_mask_dir("train") / f"seg_{vid}" / "lung.nii.gz").unlink()
+    _prep(mv3d_project, str(root), *SMALL)
+    after = (np.load(mv3d_project.root / f"prep/masks/{vid}.npy") & lung) > 0
+    expected = np.zeros_like(before)
+    for leaf in leaves:  # the fine masks, on the prep grid, by hand
+        img = nib.load(root / ctrate.anatomy_mask_dir("train") / f"seg_{vid}" / f"{leaf}.nii.gz")
+        from mv3dtk.data.preprocess import orient, plans_for, resample_nearest
+
+        o = orient(np.asanyarray(img.dataobj) > 0, img.affine)
+        expected |= resample_nearest(o.array, plans_for(o.array.shape, o.spacing, (3, 1.5, 1.5), (32, 48, 48))) > 0
+    assert after.sum() > 0 and np.array_equal(after, expected)
+    assert (after & ~before).sum() == 0  # the lobes lie inside the lung region

@@ -75,7 +75,7 @@ def _file_fp(p: Path | None) -> list | None:
 
 
 def source_fingerprint(sv: SourceVolume) -> str:
-    parts = [_file_fp(sv.image_path), sorted((r, _file_fp(p)) for r, p in sv.masks.items()),
+    parts = [_file_fp(sv.image_path), sorted((r, [_file_fp(p) for p in ps]) for r, ps in sv.masks.items()),
              sv.spacing, sv.rescale, sv.hu_hint]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
@@ -95,19 +95,21 @@ def _mask_bits(sv: SourceVolume, img, oriented, spacing, opts: PrepOptions) -> n
     plans = plans_for(oriented.array.shape, spacing, opts.spacing, opts.size)
     bits = np.zeros(opts.size, np.uint16)  # (D, H, W)
     for k, region in enumerate(opts.regions):
-        path = sv.masks.get(region)
-        if path is None:
-            continue
-        m = read_nifti(path)
-        if m.shape[:3] != img.shape[:3]:
-            raise DataError(f"{path}: mask shape {m.shape} differs from its image's {img.shape} ({sv.image_path}); "
-                            "masks must be on the image's voxel grid")
-        if not np.allclose(m.affine, img.affine, atol=1e-3):
-            raise DataError(f"{path}: mask affine differs from its image's ({sv.image_path}); masks must be on the "
-                            "image's voxel grid")
-        view = orient(voxel_data(m, path) > 0, img.affine).array  # (D, H, W) bool, same orientation
-        bits |= resample_nearest(view, plans).astype(np.uint16) << np.uint16(k)
+        for path in sv.masks.get(region, ()):  # several files (fine anatomies) are united
+            bits |= _one_mask(sv, img, oriented, path, plans) << np.uint16(k)
     return bits
+
+
+def _one_mask(sv: SourceVolume, img, oriented, path: Path, plans) -> np.ndarray:  # -> (D, H, W) uint16 {0, 1}
+    m = read_nifti(path)
+    if m.shape[:3] != img.shape[:3]:
+        raise DataError(f"{path}: mask shape {m.shape} differs from its image's {img.shape} ({sv.image_path}); "
+                        "masks must be on the image's voxel grid")
+    if not np.allclose(m.affine, img.affine, atol=1e-3):
+        raise DataError(f"{path}: mask affine differs from its image's ({sv.image_path}); masks must be on the "
+                        "image's voxel grid")
+    view = orient(voxel_data(m, path) > 0, img.affine).array  # (D, H, W) bool, same orientation
+    return resample_nearest(view, plans).astype(np.uint16)
 
 
 def process_volume(sv: SourceVolume, prep_dir: Path, opts: PrepOptions) -> dict[str, Any]:

@@ -42,7 +42,7 @@ class SourceVolume:
     spacing: tuple[float, float, float] | None = None  # (z, y, x) mm from metadata; None: header
     rescale: tuple[float, float] | None = None  # (slope, intercept) from metadata
     hu_hint: str | None = None  # "fixed" where the source is known to be HU already
-    masks: dict[str, Path] = field(default_factory=dict)  # region -> binary mask file
+    masks: dict[str, tuple[Path, ...]] = field(default_factory=dict)  # region -> mask file(s), united
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -102,6 +102,8 @@ def read_source(source: str | Path, *, layout: str = "auto", splits=ctrate.SPLIT
     src = reader(root, splits=tuple(splits), masks=Path(masks) if masks else None)
     if region_texts:
         src.region_texts = read_region_texts(Path(region_texts))
+    if layout != "csv":
+        add_anatomy_fallback(src)
     src.volumes.sort(key=lambda v: v.volume_id)
     return src
 
@@ -140,11 +142,30 @@ def _rescale_from_metadata(row: dict | None) -> tuple[float, float] | None:
     return float(row["RescaleSlope"]), float(row["RescaleIntercept"])
 
 
-def _masks_for(mask_root: Path | None, volume_id: str, regions) -> dict[str, Path]:
+def _masks_for(mask_root: Path | None, volume_id: str, regions) -> dict[str, tuple[Path, ...]]:
     if mask_root is None:
         return {}
     folder = mask_root / f"seg_{volume_id}"
-    return {r: folder / f"{r}.nii.gz" for r in regions if (folder / f"{r}.nii.gz").is_file()}
+    return {r: (folder / f"{r}.nii.gz",) for r in regions if (folder / f"{r}.nii.gz").is_file()}
+
+
+def add_anatomy_fallback(src: "Source") -> None:
+    """Where a volume has no mask file for a region, unite the RadGenome fine-anatomy masks of
+    that region named by its region sentences (``lung/lung/right lung`` -> ``right lung.nii.gz``
+    under ``dataset/<split>_anatomy_mask/seg_<volume>/``)."""
+    leaves: dict[tuple[str, str], set[str]] = {}
+    for t in src.region_texts:
+        if t.anatomy and "/" in t.anatomy:
+            leaves.setdefault((t.volume_id, t.region), set()).add(t.anatomy.rsplit("/", 1)[1])
+    for v in src.volumes:
+        folder = src.root / ctrate.anatomy_mask_dir(v.split) / f"seg_{v.volume_id}"
+        for region in src.regions:
+            if region in v.masks or not folder.is_dir():
+                continue
+            files = tuple(folder / f"{leaf}.nii.gz" for leaf in sorted(leaves.get((v.volume_id, region), ())))
+            files = tuple(f for f in files if f.is_file())
+            if files:
+                v.masks[region] = files
 
 
 def read_region_texts(path: Path) -> list[RegionText]:
@@ -306,7 +327,7 @@ def read_table(path: Path, *, splits, masks: Path | None = None) -> Source:
                          _text(row.get("impressions")), _labels(row, present),
                          (sz, sy, sx) if None not in (sz, sy, sx) else None,
                          (slope, inter) if None not in (slope, inter) else None, None,
-                         {r: mdir / f"{r}.nii.gz" for r in ctrate.REGIONS if mdir and (mdir / f"{r}.nii.gz").is_file()})
+                         _masks_for(mdir.parent, mdir.name.removeprefix("seg_"), ctrate.REGIONS) if mdir else {})
         if vid in seen:
             raise DataError(f"{path} row {i + 2}: volume_id {vid!r} appears twice; give every row a unique "
                             "volume_id (or unique image file names)")
