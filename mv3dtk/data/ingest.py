@@ -42,6 +42,7 @@ class PrepOptions:
     size: tuple[int, int, int] = (96, 320, 320)  # (D, H, W) voxels
     hu: tuple[float, float] = (-1000.0, 1000.0)  # window mapped to [-1, 1]
     hu_source: str = "auto"  # auto | raw | fixed
+    grid: str = "ctclip"  # sampling grid: ctclip (half-voxel, F.interpolate) | monai (Spacingd)
     regions: tuple[str, ...] = ctrate.REGIONS
 
     def key(self) -> str:
@@ -92,7 +93,7 @@ def _decide_rescale(sv: SourceVolume, stored: np.ndarray, hu_source: str) -> tup
 
 
 def _mask_bits(sv: SourceVolume, img, oriented, spacing, opts: PrepOptions) -> np.ndarray:
-    plans = plans_for(oriented.array.shape, spacing, opts.spacing, opts.size)
+    plans = plans_for(oriented.array.shape, spacing, opts.spacing, opts.size, opts.grid)
     bits = np.zeros(opts.size, np.uint16)  # (D, H, W)
     for k, region in enumerate(opts.regions):
         for path in sv.masks.get(region, ()):  # several files (fine anatomies) are united
@@ -137,7 +138,7 @@ def _process(sv: SourceVolume, prep_dir: Path, opts: PrepOptions) -> dict[str, A
     spacing = sv.spacing or oriented.spacing
     rescale = _decide_rescale(sv, oriented.array, opts.hu_source)
     vol = preprocess_image(oriented, spacing=spacing, target_spacing=opts.spacing, target_size=opts.size,
-                           hu_window=opts.hu, rescale=rescale)  # (D, H, W) float16
+                           hu_window=opts.hu, rescale=rescale, grid=opts.grid)  # (D, H, W) float16
     out = {"image_path": f"prep/volumes/{sv.volume_id}.npy", "mask_path": None, "hu_rescaled": rescale is not None,
            "source_spacing": [float(s) for s in spacing], "source_shape": [int(n) for n in oriented.array.shape],
            "source_axcodes": "".join(oriented.source_axcodes)}

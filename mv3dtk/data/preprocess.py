@@ -5,13 +5,15 @@ shape ``(D, H, W)`` with **D inferior -> superior, H anterior -> posterior, W pa
 left** (nibabel axis codes ``S, P, L``), i.e. axial slices in radiological display order, viewed
 from the feet, the first slice at the bottom of the scan.
 
-Speed (see ``benchmarks/prep.py``): gzip is decoded with ISA-L (``isal.igzip``, about 2.5x zlib);
+Speed (see ``benchmarks/prep.py``): gzip is decoded with ISA-L (``isal.igzip``, about 2x zlib) and
+the voxels are a view on the decoded bytes;
 reorientation is a view; resampling is separable linear interpolation evaluated *only* for the
 output voxels that survive the centre crop, slices first, so an int16 volume is converted to float
 only after it has been reduced to the slices that are needed. The sampling grid is the one of
 ``torch.nn.functional.interpolate(mode="trilinear", align_corners=False)`` with ``size`` given
 (half-voxel centres; CT-CLIP's loader), and masks use nearest-exact on the same grid, so image and
-mask stay aligned.
+mask stay aligned. ``grid="monai"`` samples MONAI ``Spacingd``'s grid instead (first voxel centre
+kept), for comparison with MONAI-preprocessed data.
 """
 
 from __future__ import annotations
@@ -69,12 +71,17 @@ def read_nifti(path: str | Path):
         raw = _decompress(raw, path)
     try:
         img = nib.Nifti1Image.from_bytes(raw)
-        img.dataobj.shape  # noqa: B018 (header sanity)
+        proxy = img.dataobj
+        offset = int(proxy.offset)  # where the voxels start (the header's vox_offset may say 0)
     except Exception as e:
         raise DataError(f"{path}: not a readable NIfTI-1 image ({type(e).__name__}: {e})") from e
-    expected = int(np.prod(img.shape)) * img.get_data_dtype().itemsize + int(img.header["vox_offset"])
+    count = int(np.prod(img.shape))
+    expected = count * img.get_data_dtype().itemsize + offset
     if len(raw) < expected:
         raise DataError(f"{path}: the image data is truncated ({len(raw)} of {expected} bytes); download it again")
+    if proxy.slope == 1.0 and proxy.inter == 0.0:  # no scl_* scaling: a read-only view on the bytes, no copy
+        view = np.frombuffer(raw, img.get_data_dtype(), count=count, offset=offset)
+        img = nib.Nifti1Image(view.reshape(img.shape, order="F"), img.affine, img.header)  # (i, j, k)
     return img
 
 
@@ -122,24 +129,50 @@ class AxisPlan:
     n_resampled: int
 
 
-def plan_axis(n_in: int, s_in: float, s_out: float, n_out: int) -> AxisPlan:
-    """Resample ``n_in`` voxels of size ``s_in`` to size ``s_out`` (``round(n_in*s_in/s_out)``
-    samples), then centre crop or pad (before: ``(n_out - n)//2``) to ``n_out``."""
-    n_res = max(1, int(round(n_in * s_in / s_out)))
-    scale = n_in / n_res
-    offset = (n_res - n_out) // 2 if n_res >= n_out else -((n_out - n_res) // 2)
+GRIDS = ("ctclip", "monai")
+
+
+def plan_axis(n_in: int, s_in: float, s_out: float, n_out: int, grid: str = "ctclip") -> AxisPlan:
+    """Resample ``n_in`` voxels of size ``s_in`` to size ``s_out``, then centre crop or pad to
+    ``n_out``. Two sampling grids:
+
+    * ``ctclip`` (default): ``F.interpolate(size=round(n_in*s_in/s_out), align_corners=False)``,
+      half-voxel centres, so the resampled field of view is centred on the source's (CT-CLIP's
+      loader); crop start ``(n - n_out)//2``, pad before ``(n_out - n)//2``.
+    * ``monai``: MONAI ``Spacingd`` + ``ResizeWithPadOrCropd``: the first voxel centre is kept,
+      ``round((n_in-1)*s_in/s_out + 1)`` samples; crop start ``n//2 - n_out//2``.
+    """
+    if grid == "monai":
+        n_res = max(1, int(round((n_in - 1) * s_in / s_out + 1)))  # round half to even, as MONAI
+        offset = n_res // 2 - n_out // 2 if n_res >= n_out else -((n_out - n_res) // 2)
+    elif grid == "ctclip":
+        n_res = max(1, int(round(n_in * s_in / s_out)))
+        offset = (n_res - n_out) // 2 if n_res >= n_out else -((n_out - n_res) // 2)
+    else:
+        raise ValueError(f"grid must be one of {GRIDS}, not {grid!r}")
     r = np.arange(n_out) + offset  # index on the resampled axis of each output sample
     valid = np.flatnonzero((r >= 0) & (r < n_res))
     lo, hi = (int(valid[0]), int(valid[-1]) + 1) if valid.size else (0, 0)
     r = r[lo:hi]
-    src = np.clip((r + 0.5) * scale - 0.5, 0, n_in - 1)
+    centre = r * (s_out / s_in) if grid == "monai" else (r + 0.5) * (n_in / n_res) - 0.5  # source coordinate
+    src = np.clip(centre, 0, n_in - 1)
     i0 = np.floor(src).astype(np.int64)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    near = np.clip(np.floor((r + 0.5) * scale), 0, n_in - 1).astype(np.int64)
+    near = np.clip(np.floor(centre + 0.5), 0, n_in - 1).astype(np.int64)
     return AxisPlan(n_out, lo, hi, i0, i1, (src - i0).astype(np.float32), near, n_res)
 
 
 def _lerp(x: np.ndarray, p: AxisPlan, axis: int) -> np.ndarray:
+    if axis == 0:  # slab by slab: no full-size gathers of the (int16) source, no float32 temporaries
+        out = np.empty((len(p.i0),) + x.shape[1:], np.float32)  # (n, H, W)
+        tmp = np.empty(x.shape[1:], np.float32)
+        for k, (i0, i1, w) in enumerate(zip(p.i0, p.i1, p.w)):
+            out[k] = x[i0]
+            if w:
+                np.subtract(x[i1], x[i0], out=tmp, dtype=np.float32)
+                tmp *= w
+                out[k] += tmp
+        return out
     shape = [1, 1, 1]
     shape[axis] = -1
     w = p.w.reshape(shape)
@@ -178,14 +211,15 @@ def window(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return x
 
 
-def plans_for(shape: tuple[int, int, int], spacing, target_spacing, target_size) -> tuple[AxisPlan, ...]:
-    return tuple(plan_axis(n, s, t, o) for n, s, t, o in zip(shape, spacing, target_spacing, target_size))
+def plans_for(shape: tuple[int, int, int], spacing, target_spacing, target_size,
+              grid: str = "ctclip") -> tuple[AxisPlan, ...]:
+    return tuple(plan_axis(n, s, t, o, grid) for n, s, t, o in zip(shape, spacing, target_spacing, target_size))
 
 
 def preprocess_image(oriented: Oriented, *, spacing, target_spacing, target_size, hu_window,
-                     rescale: tuple[float, float] | None) -> np.ndarray:
+                     rescale: tuple[float, float] | None, grid: str = "ctclip") -> np.ndarray:
     """Oriented stored voxels -> float16 (D, H, W) in [-1, 1] (``rescale`` = slope, intercept)."""
-    plans = plans_for(oriented.array.shape, spacing, target_spacing, target_size)
+    plans = plans_for(oriented.array.shape, spacing, target_spacing, target_size, grid)
     x = resample_linear(oriented.array, plans, fill=math.nan)  # (D, H, W) float32, NaN = padding
     if rescale is not None:
         x *= rescale[0]

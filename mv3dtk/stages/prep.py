@@ -27,6 +27,9 @@ def _lock(params: dict) -> str:
 @click.option("--hu-source", type=click.Choice(["auto", "raw", "fixed"]), default="auto", show_default=True,
               help="raw: apply the metadata CSV rescale (CT-RATE v1); fixed: voxels are HU (v2, *_fixed); "
                    "auto: decide per volume and record it.")
+@click.option("--grid", type=click.Choice(["ctclip", "monai"]), default="ctclip", show_default=True,
+              help="Sampling grid: ctclip = half-voxel centres (F.interpolate, CT-CLIP's loader); monai = "
+                   "first voxel centre kept (MONAI Spacingd).")
 @click.option("--masks", type=click.Path(exists=True, file_okay=False),
               help="Folder of RadGenome region masks seg_<volume>/<region>.nii.gz (default: found in SOURCE).")
 @click.option("--region-texts", type=click.Path(exists=True, dir_okay=False),
@@ -37,7 +40,7 @@ def _lock(params: dict) -> str:
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N volumes (sorted by name).")
 @click.option("--keep-going", is_flag=True, help="Exit 0 even if some volumes failed (they stay in the table).")
 @pass_stage_context
-def command(sctx: StageContext, source, layout, splits, spacing, size, hu, hu_source, masks, region_texts, workers,
+def command(sctx: StageContext, source, layout, splits, spacing, size, hu, hu_source, grid, masks, region_texts, workers,
             shard, limit, keep_going):
     """Ingest CT-RATE, RadGenome-ChestCT or a CSV of your own volumes: reorient, resample, window
     HU, crop/pad; masks as bitmasks; reports and labels joined (paper defaults: 3x1x1 mm,
@@ -50,7 +53,7 @@ def command(sctx: StageContext, source, layout, splits, spacing, size, hu, hu_so
     if min(spacing) <= 0:
         raise Mv3dError("--spacing: every voxel size must be positive")
     wanted = tuple(s.strip() for s in splits.split(",") if s.strip())
-    opts = PrepOptions(spacing=tuple(spacing), size=tuple(size), hu=tuple(hu), hu_source=hu_source)
+    opts = PrepOptions(spacing=tuple(spacing), size=tuple(size), hu=tuple(hu), hu_source=hu_source, grid=grid)
     shard_t = parse_shard(shard)
     summary = run_prep(source, sctx.project.root, layout=layout, splits=wanted, options=opts, masks=masks,
                        region_texts=region_texts, workers=workers, shard=shard_t, limit=limit, log=sctx.log)
