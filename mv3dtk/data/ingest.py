@@ -202,9 +202,11 @@ def cached_record(sv: SourceVolume, prep_dir: Path, opts: PrepOptions, project_r
 def _progress(total: int, log: logging.Logger):
     """A rich progress bar on a terminal, a log line every 5% otherwise."""
     if sys.stderr.isatty() and total:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-        bar = Progress("prep", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+        bar = Progress("prep", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True,
+                       console=Console(stderr=True))  # stdout stays for machine-readable output
         task = bar.add_task("prep", total=total)
         bar.start()
         return lambda: bar.advance(task), bar.stop
