@@ -1,0 +1,1 @@
+"""Text: the report labeler, the rewrite backends (rules, ollama, openai) and their prompts."""
