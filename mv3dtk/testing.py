@@ -51,3 +51,16 @@ def mv3d_cli() -> Callable:
         return result
 
     return invoke
+
+
+@pytest.fixture
+def fake_llm(monkeypatch):
+    """A real HTTP server on 127.0.0.1 speaking Ollama's ``/api/chat`` and OpenAI's
+    ``/v1/chat/completions`` (see :mod:`mv3dtk.fake_llm`): ``fake_llm.url`` is an Ollama host,
+    ``fake_llm.openai_url`` an OpenAI base URL; ``fake_llm.requests`` records what arrived."""
+    from .fake_llm import FakeLLM
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    with FakeLLM() as server:
+        yield server
