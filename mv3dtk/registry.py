@@ -32,6 +32,7 @@ class Artifact:
     key: str
     path: str = ""
     description: str = ""
+    optional: bool = False  # written only by some runs (e.g. depending on an option)
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_.-]+)+", self.key):

@@ -181,8 +181,11 @@ class RunRecord:
 def _collect_outputs(sctx: StageContext) -> dict[str, dict]:
     project, outputs = sctx.project, {}
     declared = {a.key: a.path for a in sctx.stage.outputs}
+    optional = {a.key for a in sctx.stage.outputs if a.optional}
     for key, rel in {**declared, **sctx.extra_outputs}.items():
         fp = fingerprint(project.root / rel)
+        if fp is None and key in optional:
+            continue
         if fp is None:
             raise MissingOutputError(
                 f"stage '{sctx.stage.name}' finished without writing its output '{key}' ({rel}); "

@@ -9,4 +9,5 @@ mv3d synth "$DIR/ctrate" --n-train 8 --n-valid 4 --seed 0
 mv3d init "$P"
 mv3d -P "$P" stats "$DIR/ctrate"
 mv3d -P "$P" prep "$DIR/ctrate" --spacing 3 1.5 1.5 --size 64 64 64 --workers 2
+mv3d -P "$P" rewrite --backend rules
 mv3d -P "$P" status
