@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ def synthetic_reports(n: int, seed: int = 0) -> list[str]:
     for i in range(n):
         labels = scan_labels(seed, 0, i)
         rng = np.random.default_rng([seed, i])
-        report = make_report(labels, plan_findings(labels, rng), 1.0, rng)
+        found = {k: replace(f, size_mm=float(rng.integers(5, 13))) for k, f in plan_findings(labels, rng).items()}
+        report = make_report(labels, found, 1.0, rng)  # sizes are normally set when drawn
         out.append(f"{report.findings} {report.impressions}")
     return out
 
