@@ -190,3 +190,17 @@ def test_sigkill_mid_run_then_resume_sends_nothing_twice(project, fake_llm):
     dupes = len(first) + len(second) - len({*first, *second})
     # resent at most: per worker, the request in flight at the kill and one answered but not yet stored
     assert dupes <= 2 * 2
+
+
+def test_refused_connections_are_retried_then_reported(project):
+    import socket
+
+    with socket.socket() as s:  # a port on this machine where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _rewrite(project, "--backend", "ollama", "--host", f"http://127.0.0.1:{port}", "--scope", "reports",
+                    "--limit", "2", "--retries", "1", check=False)
+    assert proc.returncode == 1 and "is the server running?" in proc.stderr
+    reports = _reports(project)  # nothing lost: the rules rewrite stands in, flagged
+    assert reports.height == 2 and reports["flagged"].all()
+    assert (reports["enriched"] == reports["source"].map_elements(rules_rewrite, return_dtype=pl.String)).all()
