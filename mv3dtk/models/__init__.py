@@ -1,0 +1,1 @@
+"""Image and text encoders, the MedVista3D model, configs (one JSON per architecture)."""

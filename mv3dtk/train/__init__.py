@@ -1,0 +1,1 @@
+"""Losses, the Radiology Semantic Matching Bank, distributed helpers, the training loop."""
