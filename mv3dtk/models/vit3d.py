@@ -1,0 +1,110 @@
+"""A plain 3D ViT: Conv3d patch embedding, learned position embeddings (resized trilinearly when the
+token grid changes), pre-norm blocks on ``F.scaled_dot_product_attention``. No CLS token: the
+global embedding is the mean of the final tokens, the same pooling the local pathway uses."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .base import Backbone, padding_attn_mask
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embed dim {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, h, N, c)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)  # (B, h, N, c)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; ``mask`` (B, 1, 1, N) bool keeps padding out of attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def resize_pos_embed(pos: torch.Tensor, old: tuple[int, int, int], new: tuple[int, int, int]) -> torch.Tensor:
+    """(1, N_old, C) on grid ``old`` -> (1, N_new, C) on grid ``new``, trilinear."""
+    if tuple(old) == tuple(new):
+        return pos
+    C = pos.shape[-1]
+    grid = pos.reshape(1, *old, C).permute(0, 4, 1, 2, 3)  # (1, C, d, h, w)
+    grid = F.interpolate(grid, size=tuple(new), mode="trilinear", align_corners=False)
+    return grid.permute(0, 2, 3, 4, 1).reshape(1, math.prod(new), C)  # (1, N, C)
+
+
+class ViT3D(Backbone):
+    def __init__(self, *, in_chans: int = 1, embed_dim: int = 768, depth: int = 12, heads: int = 12,
+                 mlp_ratio: float = 4.0, patch_size=(16, 16, 16), input_size=(96, 320, 320), qkv_bias: bool = True,
+                 mask_pool_layer: int = -1, grad_checkpointing: bool = False):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.patch_size = tuple(patch_size)
+        self.input_size = tuple(input_size)
+        self.grid = self.token_grid(self.input_size)
+        self.patch_embed = nn.Conv3d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid), embed_dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.ModuleList(Block(embed_dim, heads, mlp_ratio, qkv_bias) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.split = mask_pool_layer % depth if -depth <= mask_pool_layer < depth else None
+        if self.split is None:
+            raise ValueError(f"mask_pool_layer {mask_pool_layer} is outside the {depth} blocks (use -{depth}..{depth - 1})")
+        self.grad_checkpointing = grad_checkpointing
+        self.apply(_init)
+
+    def token_grid(self, input_size) -> tuple[int, int, int]:
+        bad = [n for n, p in zip(input_size, self.patch_size) if n % p]
+        if bad:
+            raise ValueError(f"input {tuple(input_size)} is not a multiple of the patch size {self.patch_size}")
+        return tuple(n // p for n, p in zip(input_size, self.patch_size))
+
+    def _run(self, blocks, x, mask=None):
+        for blk in blocks:
+            x = checkpoint(blk, x, mask, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x, mask)
+        return x
+
+    def forward_early(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        grid = self.token_grid(x.shape[-3:])
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = x + resize_pos_embed(self.pos_embed, self.grid, grid)
+        return self._run(self.blocks[: self.split], x), grid
+
+    def forward_late(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.norm(self._run(self.blocks[self.split:], tokens, padding_attn_mask(keep)))  # (B, L, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_late(self.forward_early(x)[0])
+
+
+def _init(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
