@@ -1,0 +1,173 @@
+"""Distributed helpers for torchrun (DESIGN §6).
+
+Single process by default; under ``torchrun`` (WORLD_SIZE > 1) :func:`init_distributed` creates the
+process group (nccl with CUDA, gloo on CPU). Every helper is the identity / a no-op when no process
+group exists, so the training loop is written once.
+
+Contrastive negatives span the global batch: each rank gathers the embeddings of all ranks with
+:func:`gather_with_grad` and computes the **same** loss on the same global batch. The backward
+of the gather sums the incoming gradients over ranks (``all_reduce(SUM)``) and keeps this rank's
+slice, so a rank's input gradient is ``world_size ×`` the single-process gradient of the loss on
+the concatenated batch; DDP's mean over ranks of the parameter gradients then gives exactly the
+single-process parameter gradients (tested in ``tests/test_dist.py``). Integer/bool tensors and
+bank updates go through :func:`gather_nograd`.
+
+Equal per-rank batch sizes are required (use ``drop_last=True`` in the DataLoader / sampler):
+the gathers check this with an all-gather of the shapes and raise :class:`UnequalBatchError`
+on every rank otherwise (no hang).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import Mv3dError
+from ..runs import DistInfo
+
+__all__ = [
+    "DistInfo", "UnequalBatchError", "init_distributed", "is_distributed", "get_world_size", "get_rank", "is_main",
+    "barrier", "AllGatherGrad", "gather_with_grad", "gather_nograd", "gather_batch", "all_reduce_mean",
+]
+
+_MAX_DIMS = 8
+
+
+class UnequalBatchError(Mv3dError, ValueError):
+    """Ranks hold tensors of different shapes where an all-gather needs equal ones."""
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun) and, if WORLD_SIZE > 1 and no process
+    group exists yet, create one (``backend`` or nccl with CUDA, else gloo). With CUDA the current
+    device is set from LOCAL_RANK. Touches no other global state; returns the :class:`DistInfo`."""
+    info = DistInfo.from_env()
+    cuda = torch.cuda.is_available()
+    if cuda and info.world_size > 1:
+        torch.cuda.set_device(info.local_rank)
+    if info.world_size > 1 and dist.is_available() and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
+            raise Mv3dError("WORLD_SIZE > 1 but no rendezvous address is set; start multi-process runs with "
+                            "torchrun (e.g. torchrun --nproc_per_node 2 -m mv3dtk ...)")
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+    if is_distributed():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), info.local_rank)
+    return info
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (the only rank that writes files and shows progress)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return DistInfo.from_env().is_main
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _check_equal_shapes(t: Tensor) -> None:
+    """All-gather the shape of t and raise UnequalBatchError (on every rank) if any differs."""
+    if t.dim() > _MAX_DIMS:
+        raise ValueError(f"gather supports tensors of up to {_MAX_DIMS} dims, got {t.dim()}")
+    code = torch.full((_MAX_DIMS + 1,), -1, dtype=torch.long, device=t.device)
+    code[0] = t.dim()
+    code[1:t.dim() + 1] = torch.tensor(t.shape, dtype=torch.long)
+    shapes = [torch.empty_like(code) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, code)
+    if any(not torch.equal(s, shapes[0]) for s in shapes):
+        desc = ", ".join(f"rank {r}: {tuple(s[1:int(s[0]) + 1].tolist())}" for r, s in enumerate(shapes))
+        raise UnequalBatchError(
+            f"all-gather needs the same tensor shape on every rank, got {desc}; use equal per-rank batch "
+            "sizes (DataLoader(..., drop_last=True) with a DistributedSampler(drop_last=True))")
+
+
+class AllGatherGrad(torch.autograd.Function):
+    """Concatenate t (n, ...) from every rank along dim 0 -> (world·n, ...), with gradients.
+
+    Backward: ``all_reduce(SUM)`` of the incoming gradient, then this rank's slice (the recipe of
+    reference/env-and-perf.md §6). Shapes must be equal on every rank (see :func:`gather_with_grad`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        world = dist.get_world_size()
+        out = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(out, t.contiguous())
+        return torch.cat(out, 0)  # (world·n, ...)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        g = g.contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g.chunk(dist.get_world_size(), 0)[dist.get_rank()]  # (n, ...)
+
+
+def gather_with_grad(t: Tensor) -> Tensor:
+    """All-gather along dim 0 keeping gradients (identity when not distributed)."""
+    if not is_distributed():
+        return t
+    _check_equal_shapes(t)
+    return AllGatherGrad.apply(t)
+
+
+@torch.no_grad()
+def gather_nograd(t: Tensor) -> Tensor:
+    """All-gather along dim 0 without gradients (detached; identity when not distributed).
+    Bool tensors are sent as uint8 (gloo has no bool all-gather)."""
+    if not is_distributed():
+        return t.detach()
+    _check_equal_shapes(t)
+    src = t.detach().contiguous()
+    send = src.to(torch.uint8) if src.dtype == torch.bool else src
+    out = [torch.empty_like(send) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, send)
+    res = torch.cat(out, 0)
+    return res.bool() if src.dtype == torch.bool else res
+
+
+def gather_batch(out: Mapping[str, Any]) -> dict[str, Any]:
+    """Gather every batch tensor of a model-output dict along dim 0: floating tensors that need
+    gradients through :func:`gather_with_grad`, others through :func:`gather_nograd`; scalars
+    (e.g. ``logit_scale``) and non-tensors pass through. Identity when not distributed."""
+    if not is_distributed():
+        return dict(out)
+    res: dict[str, Any] = {}
+    for k, v in out.items():
+        if not isinstance(v, Tensor) or v.dim() == 0:
+            res[k] = v
+        elif v.is_floating_point() and v.requires_grad:
+            res[k] = gather_with_grad(v)
+        else:
+            res[k] = gather_nograd(v)
+    return res
+
+
+@torch.no_grad()
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Mean over ranks of t (a new, detached tensor; integer input gives a float result).
+    Identity (detached) when not distributed."""
+    r = t.detach().clone()
+    if not r.is_floating_point():
+        r = r.float()
+    if is_distributed():
+        dist.all_reduce(r, op=dist.ReduceOp.SUM)
+        r /= dist.get_world_size()
+    return r

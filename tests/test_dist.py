@@ -1,0 +1,97 @@
+"""A real 2-process gloo run (torchrun) against the single-process computation on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist_worker as W
+from mv3dtk.train import dist as D
+from mv3dtk.train.rsmb import SemanticBank
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    # --standalone: a c10d rendezvous on localhost port 0, i.e. a free port picked by the OS (no clashes)
+    cmd = [str(torchrun), "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+           str(HERE / "dist_worker.py"), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=HERE.parent)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(0)
+    tower = W.Tower()
+    res = W.training_step(tower, W.make_batch(), SemanticBank(W.BANK, W.E), SemanticBank(W.BANK, W.E))
+    return res
+
+
+def test_loss_equals_single_process(ranks, reference):
+    keys = [k for k in reference if k.startswith("loss_")]
+    assert set(keys) == {"loss_loss", "loss_global", "loss_local", "loss_global_semantic", "loss_local_semantic"}
+    for res in ranks:
+        for k in keys:
+            torch.testing.assert_close(res[k], reference[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert reference["loss_local_semantic"] > 0 and reference["loss_global_semantic"] > 0  # the bank was used
+
+
+def test_input_gradients_match_halves(ranks, reference):
+    """A rank's input gradient is world_size x the single-process gradient of its half (the gather's
+    backward sums over ranks; DDP's mean over ranks then restores the exact parameter gradient)."""
+    b = W.B // 2
+    for r, res in enumerate(ranks):
+        for k in W.LEAVES:
+            ref = reference[f"grad_{k}"][r * b:(r + 1) * b]
+            assert ref.abs().sum() > 0, k
+            torch.testing.assert_close(res[f"grad_{k}"] / 2, ref, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_ddp_parameter_gradients_are_exact(ranks, reference):
+    for res in ranks:
+        for k in ("param_proj.weight", "param_proj.bias", "param_log_scale"):
+            torch.testing.assert_close(res[k], reference[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_banks_identical_on_both_ranks(ranks, reference):
+    for name in ("bank_g", "bank_l"):
+        for k in ("queue", "ptr", "filled"):
+            key = f"{name}_{k}"
+            assert torch.equal(ranks[0][key], ranks[1][key]), key
+            torch.testing.assert_close(ranks[0][key], reference[key], rtol=1e-6, atol=1e-7, msg=key)
+    assert int(ranks[0]["bank_l_filled"]) == W.BANK  # the local bank wrapped around
+
+
+def test_helpers_under_torchrun(ranks):
+    assert [bool(r["is_main"]) for r in ranks] == [True, False]
+    assert [int(r["rank"]) for r in ranks] == [0, 1]
+    for r in ranks:
+        assert float(r["mean_of_ranks"]) == 0.5
+        assert "drop_last" in r["unequal_error"] and "rank 0: (1, 2)" in r["unequal_error"]
+
+
+def test_single_process_helpers_are_identities(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    info = D.init_distributed()
+    assert (info.rank, info.world_size, info.local_rank) == (0, 1, 0)
+    assert D.is_main() and not D.is_distributed()
+    D.barrier()
+    t = torch.randn(3, 2, requires_grad=True)
+    assert D.gather_with_grad(t) is t
+    assert torch.equal(D.gather_nograd(t), t) and not D.gather_nograd(t).requires_grad
+    assert torch.equal(D.all_reduce_mean(torch.tensor([1, 2])), torch.tensor([1.0, 2.0]))
+    out = {"a": t, "s": torch.tensor(2.0)}
+    assert D.gather_batch(out) == out
+    assert D.DistInfo is __import__("mv3dtk.runs", fromlist=["DistInfo"]).DistInfo
