@@ -3,7 +3,7 @@ composable stages.
 
 Public API (importing it is cheap: no torch, no heavy libraries)::
 
-    from mv3dtk import Stage, Artifact, Project, StageContext, pass_stage_context, Mv3dError
+    from mv3dtk import Stage, Artifact, Project, StageContext, pass_stage_context, Mv3dError, load_model
 """
 
 __version__ = "0.1.0"
@@ -13,4 +13,14 @@ from .project import Project  # noqa: E402
 from .registry import Artifact, Stage  # noqa: E402
 from .runs import StageContext, pass_stage_context  # noqa: E402
 
-__all__ = ["Artifact", "Mv3dError", "Project", "Stage", "StageContext", "pass_stage_context", "__version__"]
+
+
+def load_model(path, **kwargs):
+    """Rebuild a trained MedVista3D from ``pretrain/<run>/model/`` alone (imports torch lazily)."""
+    from .models.medvista3d import load_model as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["Artifact", "Mv3dError", "Project", "Stage", "StageContext", "load_model", "pass_stage_context",
+           "__version__"]

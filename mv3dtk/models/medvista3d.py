@@ -1,0 +1,96 @@
+"""MedVista3D: a 3D image tower with the dual pathway, a text tower, projections to a shared
+space, a learnable temperature. ``save(dir)`` writes config.json + model.safetensors + text/ (HF
+model and tokenizer files); :func:`load_model` rebuilds the model from that directory alone and
+never unpickles anything."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..fs import atomic_path
+from .dual import encode_dual
+from .factory import build_backbone, get_model_config
+
+FORMAT_VERSION = 1
+MAX_LOGIT_SCALE = 100.0
+
+
+class MedVista3D(nn.Module):
+    def __init__(self, config: dict | str, *, text_dir: str | Path | None = None):
+        super().__init__()
+        from .text import TextEncoder, resolve_text_model
+
+        self.config = copy.deepcopy(get_model_config(config) if isinstance(config, (str, Path)) else config)
+        cfg = self.config
+        self.n_regions = int(cfg.get("n_regions", 10))
+        self.image = build_backbone(cfg["image"])
+        if text_dir is not None:
+            self.text = TextEncoder.load(text_dir)
+        else:
+            tcfg = dict(cfg["text"])
+            path, opts = resolve_text_model(tcfg.pop("model"))
+            self.text = TextEncoder(path, **{**opts, **tcfg})
+        dim = int(cfg["embed_dim"])
+        self.image_proj = nn.Linear(self.image.embed_dim, dim, bias=False)
+        self.text_proj = nn.Linear(self.text.hidden_size, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / float(cfg.get("init_temperature", 0.07)))))
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def encode_image(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x (B, 1, D, H, W), masks (B, D, H, W) uint16 bitmask | None -> ``global`` (B, E),
+        ``local`` (B, R, E) (zeros where absent), ``present`` (B, R) bool; L2-normalised."""
+        feats = encode_dual(self.image, x, masks, self.n_regions)
+        local = F.normalize(self.image_proj(feats["local"]), dim=-1) * feats["present"][..., None]
+        return {"global": F.normalize(self.image_proj(feats["global"]), dim=-1), "local": local,
+                "present": feats["present"]}
+
+    def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text(input_ids, attention_mask)), dim=-1)  # (N, E)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        device = self.logit_scale.device
+        tok = {k: v.to(device) for k, v in self.text.tokenize(list(texts)).items()}
+        return self.encode_text_tokens(tok["input_ids"], tok["attention_mask"])
+
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("text.")}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "mv3d", "version": str(FORMAT_VERSION)})
+            (tmp / "config.json").write_text(json.dumps({**self.config, "format_version": FORMAT_VERSION}, indent=2))
+            self.text.save(tmp / "text")
+        return directory
+
+
+def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> MedVista3D:
+    """Rebuild a saved MedVista3D from its directory alone (config.json, model.safetensors, text/)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ConfigError(f"{path} is not a saved mv3d model (needs config.json, model.safetensors and text/); "
+                          "point at pretrain/<run>/model/")
+    config = json.loads((path / "config.json").read_text())
+    if config.pop("format_version", 0) > FORMAT_VERSION:
+        raise ConfigError(f"{path} was saved by a newer mv3d; upgrade mv3d")
+    model = MedVista3D(config, text_dir=path / "text")
+    state = load_file(str(path / "model.safetensors"), device=str(map_location))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("text.")]
+    if missing or unexpected:
+        raise ConfigError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected "
+                          f"{unexpected[:5]}); the files are from different models")
+    return model.to(map_location)
