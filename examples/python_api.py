@@ -8,11 +8,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from mv3dtk import Project
 from mv3dtk.data.ingest import PrepOptions, run_prep
+from mv3dtk.data.store import VolumeStore
 from mv3dtk.data.synth import make_synthetic_dataset
 
 
@@ -23,7 +23,7 @@ def main(out: Path) -> None:
     print(summary.line())
     table = pl.read_parquet(project.root / "prep" / "volumes.parquet")
     first = table.row(0, named=True)
-    volume = np.load(project.root / first["image_path"], mmap_mode="r")  # (D, H, W) float16 in [-1, 1]
+    volume = VolumeStore(project.root).read_volume(first["volume_id"])  # (D, H, W) float16 in [-1, 1], mmap
     print(first["volume_id"], volume.shape, volume.dtype, "findings:", (first["findings"] or "")[:60], "...")
     print(table.select("volume_id", "Cardiomegaly", "Lung nodule", "Pleural effusion"))
 

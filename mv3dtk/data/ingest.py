@@ -31,6 +31,7 @@ from ..fs import atomic_path, atomic_write_json, atomic_write_text, clean_tempor
 from . import ctrate
 from .preprocess import orient, plans_for, preprocess_image, read_nifti, resample_nearest, voxel_data
 from .sources import Source, SourceVolume, read_source
+from .store import VolumeStore
 
 RECORD_VERSION = 1
 MAX_REGIONS = 16  # bits of the uint16 mask
@@ -139,21 +140,17 @@ def _process(sv: SourceVolume, prep_dir: Path, opts: PrepOptions) -> dict[str, A
     rescale = _decide_rescale(sv, oriented.array, opts.hu_source)
     vol = preprocess_image(oriented, spacing=spacing, target_spacing=opts.spacing, target_size=opts.size,
                            hu_window=opts.hu, rescale=rescale, grid=opts.grid)  # (D, H, W) float16
-    out = {"image_path": f"prep/volumes/{sv.volume_id}.npy", "mask_path": None, "hu_rescaled": rescale is not None,
+    store = VolumeStore(prep_dir.parent)
+    out = {"image_path": store.relpath(store.volume_path(sv.volume_id)), "mask_path": None,
+           "hu_rescaled": rescale is not None,
            "source_spacing": [float(s) for s in spacing], "source_shape": [int(n) for n in oriented.array.shape],
            "source_axcodes": "".join(oriented.source_axcodes)}
     masks = _mask_bits(sv, img, oriented, spacing, opts) if sv.masks else None
-    _save_npy(prep_dir / "volumes" / f"{sv.volume_id}.npy", vol)
+    store.write_volume(sv.volume_id, vol)
     if masks is not None:
-        _save_npy(prep_dir / "masks" / f"{sv.volume_id}.npy", masks)
-        out["mask_path"] = f"prep/masks/{sv.volume_id}.npy"
+        out["mask_path"] = store.relpath(store.write_mask(sv.volume_id, masks))
         out["mask_regions"] = sorted(sv.masks)
     return out
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        np.save(tmp, arr)
 
 
 def _work(args: tuple[SourceVolume, Path, PrepOptions]) -> dict[str, Any]:
