@@ -42,3 +42,17 @@ def teststages(plugin_path):
     registry.clear_cache()
     yield plugin_path
     sys.modules.pop("mv3d_teststages", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests run only where CUDA is available."""
+    if not any("gpu" in item.keywords for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
