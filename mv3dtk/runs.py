@@ -228,7 +228,7 @@ def run_stage(sctx: StageContext, registry: Registry, body: Callable[[], Any]) -
     """Run ``body`` as one recorded stage run inside ``sctx.project`` (rank 0 records)."""
     stage, project = sctx.stage, sctx.project
     inputs = check_inputs(stage, project, registry)
-    if not sctx.dist.is_main:
+    if not sctx.dist.is_main or os.environ.get("MV3D_PARENT_RUN"):  # a launcher's child: the launcher records
         return body()
     lock_name = stage.lock(sctx.params) if stage.lock else stage.name
     with project.stage_lock(lock_name).acquire(holder=f"pid {os.getpid()} on {socket.gethostname()}"):

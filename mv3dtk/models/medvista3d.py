@@ -62,6 +62,24 @@ class MedVista3D(nn.Module):
         tok = {k: v.to(device) for k, v in self.text.tokenize(list(texts)).items()}
         return self.encode_text_tokens(tok["input_ids"], tok["attention_mask"])
 
+    def forward(self, image: torch.Tensor, masks: torch.Tensor | None, report: dict[str, torch.Tensor],
+                regions: dict[str, torch.Tensor] | None = None,
+                region_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One training forward (what DDP wraps). ``report``/``regions`` are tokenised texts
+        (input_ids, attention_mask); ``region_index`` (M, 2) = (sample, region) of each region
+        text. Returns the loss inputs of :class:`mv3dtk.train.losses.MedVista3DLoss`."""
+        img = self.encode_image(image, masks)
+        text_local = torch.zeros_like(img["local"])  # (B, R, E)
+        valid = torch.zeros_like(img["present"])  # (B, R)
+        if regions is not None and region_index is not None and len(region_index):
+            emb = self.encode_text_tokens(regions["input_ids"], regions["attention_mask"])  # (M, E)
+            text_local = text_local.index_put((region_index[:, 0], region_index[:, 1]), emb.to(text_local.dtype))
+            valid = valid.index_put((region_index[:, 0], region_index[:, 1]), torch.ones_like(region_index[:, 0],
+                                                                                          dtype=torch.bool))
+        return {"image_global": img["global"], "image_local": img["local"], "region_present": img["present"],
+                "text_global": self.encode_text_tokens(report["input_ids"], report["attention_mask"]),
+                "text_local": text_local, "text_local_valid": valid, "logit_scale": self.scale()}
+
     def save(self, directory: str | Path) -> Path:
         from safetensors.torch import save_file
 

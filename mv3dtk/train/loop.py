@@ -1,0 +1,265 @@
+"""The MedVista3D pretraining loop (library side of ``mv3d pretrain``).
+
+Per step: encode the volumes (dual pathway) and the report / region texts, query the RSMB with the
+enriched texts (no gradient), gather everything across ranks, compute eq. 16, clip, AdamW, warm-up
++ cosine schedule, then enqueue the batch's enriched embeddings (Algorithm 1). Only rank 0 writes
+``metrics.jsonl``, checkpoints and the final ``model/``. A resumed run continues from the exact
+data position with the saved optimizer, scheduler, bank and RNG states, so its loss sequence equals
+an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import Mv3dError
+from ..runs import DistInfo
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+LOSS_NAMES = ("global", "local", "global-semantic", "local-semantic")
+
+
+@dataclass
+class TrainConfig:
+    model: dict
+    losses: tuple[str, ...] = LOSS_NAMES
+    batch_size: int = 32
+    epochs: int = 16
+    max_steps: int | None = None
+    lr: float = 5e-5
+    weight_decay: float = 1e-5
+    warmup_steps: int = 200
+    rsmb_size: int = 65536
+    precision: str = "bf16"
+    grad_clip: float = 1.0
+    workers: int = 4
+    seed: int = 0
+    checkpoint_every: int = 500
+    compile: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def resume_key(self) -> dict:
+        """What must match to resume (not max_steps, workers or checkpoint cadence)."""
+        d = asdict(self)
+        for k in ("max_steps", "workers", "checkpoint_every", "compile", "extra"):
+            d.pop(k)
+        return d
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _tokenize(model, texts: list[str], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in model.text.tokenize(texts).items()}
+
+
+def _region_inputs(batch: dict, key: str) -> tuple[list[str], torch.Tensor]:
+    """Valid region texts of the batch, flattened, and their (sample, region) index (M, 2)."""
+    index = batch["region_valid"].nonzero()  # (M, 2)
+    texts = [batch[key][int(b)][int(r)] for b, r in index]
+    return texts, index
+
+
+class Trainer:
+    def __init__(self, project_root: Path, run_dir: Path, cfg: TrainConfig, dist: DistInfo, log, resume: bool):
+        from ..data.datasets import PretrainDataset
+        from ..models.medvista3d import MedVista3D
+        from .losses import MedVista3DLoss
+        from .rsmb import SemanticBank
+
+        self.cfg, self.dist, self.log, self.run_dir = cfg, dist, log, run_dir
+        self.device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.amp = cfg.precision == "bf16" and self.device.type == "cuda"
+        torch.manual_seed(cfg.seed)
+        self.semantic = any(t.endswith("semantic") for t in cfg.losses)
+        self.data = PretrainDataset(project_root, split="train", enriched=self.semantic)
+        if self.semantic and not self.data.enriched_available:
+            log.warning("rewrite/ has not run (or misses %d texts): the semantic terms use the source texts; run "
+                        "'mv3d rewrite' for the enriched ones", self.data.enriched_missing)
+        self.model = MedVista3D(cfg.model).to(self.device)
+        self.bank = SemanticBank(cfg.rsmb_size, int(cfg.model["embed_dim"])).to(self.device)
+        self.loss_fn = MedVista3DLoss(**{f"use_{n.replace('-', '_')}": n in cfg.losses for n in LOSS_NAMES})
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=self.device.type == "cuda")
+        from ..data.datasets import batches_per_epoch
+
+        if cfg.batch_size % dist.world_size:
+            raise Mv3dError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the "
+                            f"{dist.world_size} processes")
+        self.local_batch = cfg.batch_size // dist.world_size
+        self.steps_per_epoch = batches_per_epoch(len(self.data), self.local_batch, dist.world_size)
+        self.total = min(cfg.max_steps or 10 ** 12, self.steps_per_epoch * cfg.epochs)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg.warmup_steps, self.steps_per_epoch * cfg.epochs))
+        self.step, self.epoch, self.batch = 0, 0, 0
+        if resume:
+            self._resume()
+        self.net = self.model
+        if dist.world_size > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise Mv3dError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume")
+        meta = load_checkpoint(ckpt, model=self.model, optimizer=self.opt, scheduler=self.sched, bank=self.bank,
+                               config=self.cfg.resume_key())
+        self.step, self.epoch, self.batch = meta["step"], meta["epoch"], meta["batch"]
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.dist.is_main and metrics.is_file():  # drop what the interrupted run logged after the checkpoint
+            from ..fs import atomic_write_text
+
+            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            atomic_write_text(metrics, "".join(ln + "\n" for ln in keep))
+        self.log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch)
+
+    # -- one step ------------------------------------------------------------------------
+    def _forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """-> the gathered loss inputs, and the gathered enriched embeddings to enqueue."""
+        from .dist import gather_batch
+
+        dev = self.device
+        image = batch["image"].to(dev, non_blocking=True)  # (B, 1, D, H, W)
+        masks = batch["mask"].to(dev, non_blocking=True)  # (B, D, H, W)
+        texts, index = _region_inputs(batch, "region_texts")
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.net(image, masks, _tokenize(self.model, batch["report"], dev),
+                           _tokenize(self.model, texts, dev) if texts else None, index.to(dev))
+        enqueue = None
+        if self.semantic:
+            sem = self._semantic(batch, out)
+            enqueue = self._enriched_for_bank(sem)  # pops the private keys
+            out.update(sem)
+        return gather_batch(out), enqueue
+
+    @torch.no_grad()
+    def _semantic(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
+        t_hat = self.model.encode_text(batch["enriched"]).float()  # (B, E)
+        nn_g, found_g = self.bank.query(t_hat)
+        texts, index = _region_inputs(batch, "enriched_regions")
+        B, R, E = out["image_local"].shape
+        t_loc = torch.zeros(B, R, E, device=self.device)
+        nn_l = torch.zeros(B, R, E, device=self.device)
+        found_l = torch.zeros(B, R, dtype=torch.bool, device=self.device)
+        if texts:
+            emb = self.model.encode_text(texts).float()  # (M, E)
+            nn, found = self.bank.query(emb)
+            idx = (index[:, 0].to(self.device), index[:, 1].to(self.device))
+            t_loc[idx], nn_l[idx], found_l[idx] = emb, nn, found
+        return {"enriched_global_nn": nn_g, "enriched_global_found": found_g, "enriched_local_nn": nn_l,
+                "enriched_local_found": found_l, "_t_hat": t_hat, "_t_hat_local": t_loc,
+                "_t_hat_local_valid": out["text_local_valid"].clone()}
+
+    def _enriched_for_bank(self, out: dict) -> torch.Tensor:
+        from .dist import gather_nograd
+
+        g = gather_nograd(out.pop("_t_hat"))
+        loc = gather_nograd(out.pop("_t_hat_local"))
+        valid = gather_nograd(out.pop("_t_hat_local_valid"))
+        return torch.cat([g, loc[valid]])
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        out, enqueue = self._forward(batch)
+        terms = self.loss_fn(out)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            last = latest_checkpoint(self.run_dir)
+            raise Mv3dError(f"the loss became {loss.item()} at step {self.step}; training stopped. The last good "
+                            f"checkpoint is {last or 'none (none written yet)'}; lower --lr or check the data")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        if enqueue is not None:
+            self.bank.enqueue(enqueue)
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.model.train()
+        last: dict[str, Any] = {}
+        while self.step < self.total:
+            last = self._epoch() or last
+            if self.step < self.total:
+                self.epoch, self.batch = self.epoch + 1, 0
+        if self.dist.is_main:
+            self.model.save(self.run_dir / "model")
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        return last
+
+    def _epoch(self) -> dict[str, Any]:
+        from ..data.datasets import make_loader
+
+        loader = make_loader(self.data, batch_size=self.local_batch, seed=self.cfg.seed, epoch=self.epoch,
+                             skip_batches=self.batch, workers=self.cfg.workers, rank=self.dist.rank,
+                             world_size=self.dist.world_size, pin_memory=self.device.type == "cuda")
+        last: dict[str, Any] = {}
+        t_end = time.perf_counter()
+        for batch in loader:
+            t_data = time.perf_counter()
+            terms = self.train_step(batch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t_done = time.perf_counter()
+            self.step, self.batch = self.step + 1, self.batch + 1
+            last = {"step": self.step, "epoch": self.epoch, **terms, "lr": self.sched.get_last_lr()[0],
+                    "temperature": float(torch.exp(-self.model.logit_scale.detach())),
+                    "volumes_per_s": self.cfg.batch_size / (t_done - t_end),
+                    "data_wait": (t_data - t_end) / (t_done - t_end)}
+            t_end = t_done
+            if self.dist.is_main:
+                self._log_step(last)
+            if self.step >= self.total:
+                break
+        return last
+
+    def _log_step(self, m: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(m) + "\n")
+        if self.step % max(1, self.total // 20) == 0 or self.step == self.total:
+            self.log.info("step %d/%d loss %.4f lr %.2e %.1f vol/s data-wait %.0f%%", self.step, self.total,
+                          m["loss"], m["lr"], m["volumes_per_s"], 100 * m["data_wait"])
+        if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(self.run_dir, model=self.model, optimizer=self.opt, scheduler=self.sched, bank=self.bank,
+                        step=self.step, epoch=self.epoch, batch=self.batch, config=self.cfg.resume_key())
+
+
+def plot_metrics(metrics: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..fs import atomic_path
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key in ("loss", "global", "local", "global_semantic", "local_semantic"):
+        if rows and key in rows[0]:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set(xlabel="step", ylabel="loss", title="MedVista3D pretraining")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)

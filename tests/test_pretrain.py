@@ -1,0 +1,125 @@
+"""`mv3d pretrain` end to end on CPU: outputs, resume after SIGKILL, torchrun, bad situations."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import run_mv3d
+from mv3dtk import Project, load_model
+from mv3dtk.data.synth import make_synthetic_dataset
+
+SMALL = ["--backbone", "vit", "--model-config", "vit-tiny", "--batch-size", "4", "--workers", "0", "--lr", "1e-3",
+         "--warmup-steps", "2", "--rsmb-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    from mv3dtk.data.ctrate import read_csv_rows, reports_csv
+    from mv3dtk.models.text import make_tiny_bert
+
+    root = tmp_path_factory.mktemp("pt")
+    data = make_synthetic_dataset(root / "data", n_train=8, n_valid=2, shape=(32, 64, 64), seed=0).root
+    texts = [r["Findings_EN"] for r in read_csv_rows(data / reports_csv("train"))]
+    bert = make_tiny_bert(root / "bert", texts, vocab_size=500, seed=0)
+    project = Project.init(root / "project")
+    run_mv3d("-P", str(project.root), "prep", str(data), "--size", "32", "64", "64", "--spacing", "3", "0.75", "0.75")
+    run_mv3d("-P", str(project.root), "rewrite")
+    return project, bert
+
+
+@pytest.fixture
+def project(template, tmp_path):
+    shutil.copytree(template[0].root, tmp_path / "p")
+    return Project(tmp_path / "p"), template[1]
+
+
+def _pretrain(project, bert, *args, check=True):
+    return run_mv3d("-P", str(project.root), "pretrain", *SMALL, "--text-encoder", str(bert), *args, check=check,
+                    timeout=600)
+
+
+def _losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_writes_metrics_checkpoints_and_a_loadable_model(project):
+    p, bert = project
+    _pretrain(p, bert, "--max-steps", "4", "--checkpoint-every", "2", "--run", "r1")
+    run = p.root / "pretrain" / "r1"
+    rows = _losses(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"loss", "global", "local", "global_semantic", "local_semantic", "lr", "temperature", "volumes_per_s",
+            "data_wait"} <= set(rows[0])
+    assert sorted(c.name for c in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    model = load_model(run / "model")
+    assert model.config["image"]["backbone"] == "vit"
+    art = p.manifest()["artifacts"]["pretrain.model"]
+    assert art["path"] == "pretrain/r1/model"
+    again = _pretrain(p, bert, "--max-steps", "4", "--run", "r1", check=False)
+    assert again.returncode == 1 and "--resume" in again.stderr
+
+
+def test_losses_switch_off_and_missing_rewrite_falls_back(project):
+    p, bert = project
+    shutil.rmtree(p.root / "rewrite")
+    proc = _pretrain(p, bert, "--max-steps", "1", "--losses", "global,local", "--run", "gl")
+    assert "rewrite/ has not run" not in proc.stderr  # no semantic term, no need for rewrite
+    assert set(_losses(p.root / "pretrain" / "gl")[0]) >= {"global", "local"}
+    assert "global_semantic" not in _losses(p.root / "pretrain" / "gl")[0]
+    proc = _pretrain(p, bert, "--max-steps", "1", "--run", "sem")
+    assert "rewrite/ has not run" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_loss_sequence(project):
+    p, bert = project
+    _pretrain(p, bert, "--max-steps", "6", "--checkpoint-every", "2", "--run", "straight")
+    straight = [r["loss"] for r in _losses(p.root / "pretrain" / "straight")]
+    cmd = [sys.executable, "-m", "mv3dtk", "-P", str(p.root), "pretrain", *SMALL, "--text-encoder", str(bert),
+           "--max-steps", "6", "--checkpoint-every", "2", "--run", "killed"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    metrics = p.root / "pretrain" / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(metrics.read_text().splitlines()) < 6  # really interrupted
+    _pretrain(p, bert, "--max-steps", "6", "--checkpoint-every", "2", "--run", "killed", "--resume")
+    resumed = [r["loss"] for r in _losses(p.root / "pretrain" / "killed")]
+    assert resumed == pytest.approx(straight, rel=1e-5, abs=1e-6)
+    bad = _pretrain(p, bert, "--max-steps", "8", "--run", "killed", "--resume", "--lr", "5e-4", check=False)
+    assert bad.returncode == 1 and "other settings" in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_with_nproc(project):
+    p, bert = project
+    proc = _pretrain(p, bert, "--max-steps", "2", "--nproc", "2", "--run", "ddp", "--batch-size", "4")
+    cfg = json.loads((p.root / "pretrain" / "ddp" / "config.json").read_text())
+    assert cfg["world_size"] == 2 and len(_losses(p.root / "pretrain" / "ddp")) == 2
+    runs = sorted(p.runs_dir.glob("*-pretrain/run.json"))
+    assert json.loads(runs[-1].read_text())["status"] == "done"
+    assert load_model(p.root / "pretrain" / "ddp" / "model") is not None
+    del proc
+
+
+def test_a_diverging_loss_stops_with_a_clear_message(project):
+    p, bert = project
+    proc = _pretrain(p, bert, "--max-steps", "6", "--lr", "1e30", "--warmup-steps", "0", "--run", "nan", check=False)
+    assert proc.returncode == 1 and "the loss became" in proc.stderr and "lower --lr" in proc.stderr
+
+
+def test_pretrain_needs_prep_first(tmp_path):
+    project = Project.init(tmp_path / "empty")
+    proc = run_mv3d("-P", str(project.root), "pretrain", *SMALL, check=False)
+    assert proc.returncode == 1 and "needs 'prep.manifest' (made by 'prep')" in proc.stderr
