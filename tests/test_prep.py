@@ -180,7 +180,7 @@ def test_rerun_skips_done_volumes_and_redoes_changed_ones(synth, mv3d_project):
     vol = mv3d_project.root / "prep/volumes/train_1_a_1.npy"
     before = vol.stat().st_mtime_ns
     again = _prep(mv3d_project, str(synth), *SMALL)
-    assert "0 processed" in again.stderr and vol.stat().st_mtime_ns == before
+    assert "(0 processed" in again.stderr and vol.stat().st_mtime_ns == before
     src = synth / ctrate.volume_relpath("train_2_a_1")
     src.touch()
     again = _prep(mv3d_project, str(synth), *SMALL)
@@ -218,7 +218,7 @@ def test_shards_write_disjoint_parts_and_a_plain_run_merges_them(tmp_path, synth
     n_total = len(_outputs_names(synth))
     assert len(done) == n_total  # together the shards cover everything, once
     merged = _prep(mv3d_project, str(synth), *SMALL)
-    assert "0 processed" in merged.stderr and f"{n_total} already done" in merged.stderr
+    assert "(0 processed" in merged.stderr and f"{n_total} already done" in merged.stderr
     clean = type(mv3d_project).init(tmp_path / "clean")
     _prep(clean, str(synth), *SMALL, "--workers", "2")  # also: 2 workers = same bytes as 1
     assert _outputs(mv3d_project) == _outputs(clean)
@@ -263,7 +263,9 @@ def broken(tmp_path) -> Path:
     rows.append({**rows[0], "VolumeName": "train_99_a_1.nii.gz"})  # a report row with no volume
     for r in rows:
         if r["VolumeName"] == "train_5_a_1.nii.gz":
-            r["Findings_EN"] = "Not given."  # empty findings
+            r["Findings_EN"] = "Not given."  # empty findings (the impressions remain)
+        if r["VolumeName"] == "train_5_b_1.nii.gz":
+            r["Findings_EN"] = r["Impressions_EN"] = "Not given."  # no report text at all
     _write_rows(reports, rows)
     labels = root / ctrate.labels_csv("train")
     _write_rows(labels, [{k: v for k, v in r.items() if k != "Emphysema"} for r in ctrate.read_csv_rows(labels)])
@@ -280,7 +282,7 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 def test_bad_volumes_fail_alone_with_a_clear_error(broken, mv3d_project):
     proc = _prep(mv3d_project, str(broken), *SMALL, check=False)
     assert proc.returncode == 1
-    assert "9 of " in proc.stderr and "volumes failed" in proc.stderr and "--keep-going" in proc.stderr
+    assert "10 of " in proc.stderr and "volumes failed" in proc.stderr and "--keep-going" in proc.stderr
     assert "lacks the label columns ['Emphysema']" in proc.stderr
     df = _table(mv3d_project)
     err = {r["volume_id"]: r["error"] or "" for r in df.iter_rows(named=True)}
@@ -288,6 +290,7 @@ def test_bad_volumes_fail_alone_with_a_clear_error(broken, mv3d_project):
         "train_1_a_1": "truncated", "train_1_a_2": "cannot decompress", "train_1_b_1": "2-D",
         "train_2_a_1": "expected a 3-D volume", "train_3_a_1": "NaN", "train_3_a_2": "mask shape",
         "train_4_a_1": "mask affine", "train_9_a_1": "no report row", "train_99_a_1": "no volume file",
+        "train_5_b_1": "report of train_5_b_1 is empty",
     }
     for vid, words in expected.items():
         assert words in err[vid], (vid, err[vid])
@@ -301,7 +304,7 @@ def test_bad_volumes_fail_alone_with_a_clear_error(broken, mv3d_project):
     assert empty["status"] == "ok" and empty["findings"] is None and "findings section is empty" in empty["warning"]
     assert json.loads(run_mv3d("-P", str(mv3d_project.root), "status", "--json").stdout)[0]["status"] == "failed"
     keep = _prep(mv3d_project, str(broken), *SMALL, "--keep-going")
-    assert "0 processed" not in keep.stderr  # failed volumes are retried, finished ones skipped
+    assert "(0 processed" not in keep.stderr  # failed volumes are retried, finished ones skipped
     assert f"{ok.height} already done" in keep.stderr
 
 

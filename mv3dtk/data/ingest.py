@@ -283,13 +283,14 @@ def _row(sv: SourceVolume, rec: dict) -> dict[str, Any]:
     warnings = list(sv.warnings) + ([] if sv.findings else [f"{sv.volume_id}: the findings section is empty"])
     return {
         "volume_id": sv.volume_id, "split": sv.split, "patient_id": sv.patient_id, "scan_id": sv.scan_id,
-        "image_path": rec.get("image_path") if rec["status"] == "ok" else None,
-        "mask_path": rec.get("mask_path") if rec["status"] == "ok" else None,
+        "image_path": rec.get("image_path") if rec["status"] == "ok" and not sv.error else None,
+        "mask_path": rec.get("mask_path") if rec["status"] == "ok" and not sv.error else None,
         "findings": sv.findings, "impressions": sv.impressions, "report": report,
         **{c: sv.labels.get(c) for c in ctrate.ABNORMALITIES},
         "source_path": str(sv.image_path) if sv.image_path else None,
         "source_spacing": rec.get("source_spacing"), "source_shape": rec.get("source_shape"),
-        "hu_rescaled": rec.get("hu_rescaled"), "status": rec["status"], "error": rec.get("error"),
+        "hu_rescaled": rec.get("hu_rescaled"), "status": "failed" if sv.error else rec["status"],
+        "error": sv.error or rec.get("error"),
         "warning": "; ".join(warnings) or None,
     }
 

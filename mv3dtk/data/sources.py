@@ -235,6 +235,9 @@ def _ctrate_split(root: Path, split: str, masks: Path | None, warnings: list[str
             v.error = f"{reports_path} has a report row for {vid} but no volume file was found under {folder or root}"
         elif rep is None:
             v.error = f"{path}: no report row for {vid} in {reports_path}"
+        elif v.findings is None and v.impressions is None:
+            v.error = (f"{reports_path}: the report of {vid} is empty (Findings_EN and Impressions_EN); fill the row "
+                       "or drop the volume")
         elif labels and vid not in labels:
             v.warnings.append(f"no row for {vid} in {root / ctrate.labels_csv(split)}: labels left empty")
         out.append(v)
@@ -333,6 +336,8 @@ def read_table(path: Path, *, splits, masks: Path | None = None) -> Source:
                             "volume_id (or unique image file names)")
         if not image.is_file():
             v.error = f"{path} row {i + 2}: image {image} does not exist"
+        elif findings is None and v.impressions is None:
+            v.error = f"{path} row {i + 2}: {vid} has no report text (report / findings / impressions are empty)"
         seen.add(vid)
         volumes.append(v)
     if not volumes:
