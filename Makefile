@@ -21,7 +21,7 @@ help:
 
 $(STAMP): pyproject.toml plugins/mv3d-stats/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || { echo "installing $(TORCH)"; $(PIP) install "$(TORCH)"; }
+	@$(PY) -c "import torch" 2>/dev/null || { echo "installing $(TORCH)"; $(PIP) install $(TORCH); }
 	$(PIP) install -e ".[dev]"
 	$(PIP) install -e plugins/mv3d-stats
 	@$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

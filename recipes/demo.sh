@@ -11,5 +11,5 @@ mv3d -P "$P" stats "$DIR/ctrate"
 mv3d -P "$P" prep "$DIR/ctrate" --spacing 3 1.5 1.5 --size 64 64 64 --workers 2
 mv3d -P "$P" rewrite --backend rules
 mv3d -P "$P" pretrain --backbone vit --model-config vit-tiny --batch-size 4 --max-steps 8 --warmup-steps 2 \
-     --lr 1e-4 --workers 2 --run demo
+     --lr 1e-4 --workers 2
 mv3d -P "$P" status
