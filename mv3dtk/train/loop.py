@@ -88,6 +88,9 @@ class Trainer:
         if self.semantic and not self.data.enriched_available:
             log.warning("rewrite/ has not run (or misses %d texts): the semantic terms use the source texts; run "
                         "'mv3d rewrite' for the enriched ones", self.data.enriched_missing)
+        elif self.semantic and self.data.enriched_missing:
+            log.warning("%d texts have no rewrite (a partial or stale rewrite/): they use the source text; rerun "
+                        "'mv3d rewrite' to cover them", self.data.enriched_missing)
         self.model = MedVista3D(cfg.model).to(self.device)
         self.bank = SemanticBank(cfg.rsmb_size, int(cfg.model["embed_dim"])).to(self.device)
         self.loss_fn = MedVista3DLoss(**{f"use_{n.replace('-', '_')}": n in cfg.losses for n in LOSS_NAMES})
