@@ -3,7 +3,6 @@ driven by the real clients; the faithfulness guard, retries, cache, privacy, con
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 import traceback
 import zlib
@@ -26,6 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ..log import progress
 from ..errors import DataError, Mv3dError
 from ..fs import atomic_path, atomic_write_json, atomic_write_text, clean_temporaries, read_json
 from . import ctrate
@@ -196,30 +196,9 @@ def cached_record(sv: SourceVolume, prep_dir: Path, opts: PrepOptions, project_r
 
 # -- the run ---------------------------------------------------------------------------------
 
-def _progress(total: int, log: logging.Logger):
-    """A rich progress bar on a terminal, a log line every 5% otherwise."""
-    if sys.stderr.isatty() and total:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        bar = Progress("prep", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True,
-                       console=Console(stderr=True))  # stdout stays for machine-readable output
-        task = bar.add_task("prep", total=total)
-        bar.start()
-        return lambda: bar.advance(task), bar.stop
-    step, seen = max(1, total // 20), [0]
-
-    def tick() -> None:
-        seen[0] += 1
-        if seen[0] % step == 0 or seen[0] == total:
-            log.info("prep: %d/%d volumes", seen[0], total)
-
-    return tick, lambda: None
-
-
 def _run_all(todo: list[SourceVolume], prep_dir: Path, opts: PrepOptions, workers: int,
              log: logging.Logger) -> Iterable[dict]:
-    tick, stop = _progress(len(todo), log)
+    tick, stop = progress(len(todo), "prep", log)
     try:
         if workers <= 1 or len(todo) <= 1:
             for sv in todo:

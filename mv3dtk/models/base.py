@@ -10,7 +10,11 @@ only them through the late part. Late blocks must therefore be plain global self
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -39,3 +43,21 @@ def padding_attn_mask(keep: torch.Tensor | None) -> torch.Tensor | None:
     """(B, L) bool keep -> a (B, 1, 1, L) boolean mask for ``F.scaled_dot_product_attention``
     (True = may attend)."""
     return None if keep is None else keep[:, None, None, :]
+
+
+def resize_pos_embed(table: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int], *,
+                     num_prefix: int = 0) -> torch.Tensor:
+    """Resize a (1, P + d0*h0*w0, C) position table to (1, P + d*h*w, C): the first ``num_prefix``
+    rows (class-token positions) are kept; the grid rows are put back on their 3D grid and resized
+    trilinearly (``align_corners=False``), never reshaped as if the grid were square."""
+    src, dst = tuple(int(v) for v in src_grid), tuple(int(v) for v in dst_grid)
+    if src == dst:
+        return table
+    prefix, grid_rows = table[:, :num_prefix], table[:, num_prefix:]  # (1, P, C), (1, N0, C)
+    c = table.shape[-1]
+    if grid_rows.shape[1] != math.prod(src):
+        raise ValueError(f"position table has {grid_rows.shape[1]} grid rows, not {math.prod(src)} = {src}")
+    vol = grid_rows.reshape(1, *src, c).permute(0, 4, 1, 2, 3)  # (1, C, d0, h0, w0)
+    vol = F.interpolate(vol.float(), size=dst, mode="trilinear", align_corners=False).to(table.dtype)
+    grid_rows = vol.permute(0, 2, 3, 4, 1).reshape(1, math.prod(dst), c)  # (1, N, C)
+    return torch.cat([prefix, grid_rows], dim=1)  # (1, P + N, C)

@@ -120,7 +120,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mv3dtk.errors import Mv3dError
-from mv3dtk.models.base import Backbone, padding_attn_mask
+from mv3dtk.models.base import Backbone, padding_attn_mask, resize_pos_embed
+from mv3dtk.models.factory import get_model_config
 
 __all__ = [
     "PRESETS",
@@ -133,40 +134,21 @@ __all__ = [
 
 Grid = tuple[int, int, int]
 
+def _config_preset(name: str) -> dict[str, Any]:
+    """The image section of ``models/configs/<name>.json`` as constructor kwargs (one source of truth)."""
+    cfg = dict(get_model_config(name)["image"])
+    cfg.pop("backbone")
+    cfg.pop("mask_pool_layer", None)
+    return cfg
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # UniMiSS-Small exactly (reference 1.2), position tables at MedVista3D's 96x320x320 input.
-    "unimiss-small": dict(
-        in_chans=1,
-        stem_dim=32,
-        dims=(48, 128, 256, 512),
-        depths=(2, 3, 4, 3),
-        heads=(1, 2, 4, 8),
-        sr_ratios=(6, 4, 2, 1),
-        mlp_ratio=4.0,
-        input_size=(96, 320, 320),
-    ),
+    "unimiss-small": _config_preset("unimiss-small"),
     # A CPU-test/demo size (NOT the official "UniMiss_tiny", which is unimiss-tiny-paper below).
-    "unimiss-tiny": dict(
-        in_chans=1,
-        stem_dim=8,
-        dims=(16, 32, 48, 64),
-        depths=(1, 1, 1, 2),
-        heads=(1, 1, 2, 2),
-        sr_ratios=(4, 2, 2, 1),
-        mlp_ratio=4.0,
-        input_size=(32, 64, 64),
-    ),
+    "unimiss-tiny": _config_preset("unimiss-tiny"),
     # The official encoder_tiny: small's widths, one block per stage (for the "UniMiss_tiny" weights).
-    "unimiss-tiny-paper": dict(
-        in_chans=1,
-        stem_dim=32,
-        dims=(48, 128, 256, 512),
-        depths=(1, 1, 1, 1),
-        heads=(1, 2, 4, 8),
-        sr_ratios=(6, 4, 2, 1),
-        mlp_ratio=4.0,
-        input_size=(96, 320, 320),
-    ),
+    "unimiss-tiny-paper": {**_config_preset("unimiss-small"), "depths": [1, 1, 1, 1]},
 }
 
 _ACCEPTED_UNUSED = frozenset({"name", "backbone"})
@@ -185,27 +167,6 @@ def _stage_grids(input_size: Sequence[int], n_stages: int = 4) -> list[Grid]:
         grid = tuple(_conv_out(n, 3, 2, 1) for n in grid)  # type: ignore[assignment]
         grids.append(grid)
     return grids
-
-
-def resize_pos_embed(table: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int], *,
-                     num_prefix: int = 0) -> torch.Tensor:
-    """Resize a (1, P + d0*h0*w0, C) position table to (1, P + d*h*w, C).
-
-    The first ``num_prefix`` rows (the class-token position) are kept as they are; the grid rows are put back
-    on their 3D grid and resized trilinearly (``align_corners=False``). This replaces the official
-    ``interpolate_pos_encoding3D``, which reshapes with the *new* depth and a square in-plane guess.
-    """
-    src, dst = tuple(int(v) for v in src_grid), tuple(int(v) for v in dst_grid)
-    prefix, grid_rows = table[:, :num_prefix], table[:, num_prefix:]  # (1, P, C), (1, N0, C)
-    if src == dst:
-        return table
-    c = table.shape[-1]
-    if grid_rows.shape[1] != math.prod(src):
-        raise ValueError(f"position table has {grid_rows.shape[1]} grid rows, not {math.prod(src)} = {src}")
-    vol = grid_rows.reshape(1, *src, c).permute(0, 4, 1, 2, 3)  # (1, C, d0, h0, w0)
-    vol = F.interpolate(vol.float(), size=dst, mode="trilinear", align_corners=False).to(table.dtype)
-    grid_rows = vol.permute(0, 2, 3, 4, 1).reshape(1, math.prod(dst), c)  # (1, N, C)
-    return torch.cat([prefix, grid_rows], dim=1)  # (1, P + N, C)
 
 
 class ConvNormAct(nn.Module):
@@ -663,9 +624,9 @@ def load_official_checkpoint(model: UniMiSS, path: str | Path, *, which: str = "
         first = (why[0] if why else type(e).__name__).split(" Please use")[0]
         raise Mv3dError(
             f"{path} is not a plain PyTorch state dict that can be loaded with weights_only=True ({first}). "
-            f"mv3d never unpickles code from a checkpoint. If you trust the file, convert it once in a separate "
-            f"Python: c = torch.load(p, weights_only=False); torch.save({{'teacher': c['teacher']}}, 'clean.pth') "
-            f"(or the plain state dict), and pass clean.pth") from e
+            f"mv3d never unpickles code from a checkpoint. If you trust the file, re-save only its tensors once, "
+            f"outside mv3d (torch.save({{'teacher': <its teacher state dict>}}, 'clean.pth')), and pass clean.pth"
+        ) from e
     if not isinstance(obj, Mapping):
         raise Mv3dError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() "
                         f"(or the official {{'teacher': ..., 'student': ...}} dict) instead")

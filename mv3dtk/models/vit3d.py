@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Backbone, padding_attn_mask
+from .base import Backbone, padding_attn_mask, resize_pos_embed  # noqa: F401 (re-exported)
 
 
 class Attention(nn.Module):
@@ -44,16 +44,6 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))
-
-
-def resize_pos_embed(pos: torch.Tensor, old: tuple[int, int, int], new: tuple[int, int, int]) -> torch.Tensor:
-    """(1, N_old, C) on grid ``old`` -> (1, N_new, C) on grid ``new``, trilinear."""
-    if tuple(old) == tuple(new):
-        return pos
-    C = pos.shape[-1]
-    grid = pos.reshape(1, *old, C).permute(0, 4, 1, 2, 3)  # (1, C, d, h, w)
-    grid = F.interpolate(grid, size=tuple(new), mode="trilinear", align_corners=False)
-    return grid.permute(0, 2, 3, 4, 1).reshape(1, math.prod(new), C)  # (1, N, C)
 
 
 class ViT3D(Backbone):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from ..log import progress
 from ..errors import ConfigError, Mv3dError
 from ..fs import atomic_path
 from .backends import RewriteBackend, TransientError, is_loopback
@@ -111,44 +110,13 @@ def request_with_retries(backend: RewriteBackend, key: str, text: str, retries: 
     return Reply(key, None, retries + 1, time.monotonic() - t0, error or "stopped")
 
 
-def _progress(total: int, log: logging.Logger) -> tuple[Callable[[], None], Callable[[], None]]:
-    """A rich bar with rate and ETA on a terminal, a log line every 5% otherwise."""
-    seen, t0 = [0], time.monotonic()
-
-    def rate() -> float:
-        return seen[0] / max(time.monotonic() - t0, 1e-9)
-
-    if sys.stderr.isatty() and total:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress("rewrite", BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                       TimeRemainingColumn(), transient=True, console=Console(stderr=True))
-        task = bar.add_task("rewrite", total=total, rate="")
-
-        def tick_bar() -> None:
-            seen[0] += 1
-            bar.update(task, advance=1, rate=f"{rate():.1f} texts/s")
-
-        bar.start()
-        return tick_bar, bar.stop
-    step = max(1, total // 20)
-
-    def tick() -> None:
-        seen[0] += 1
-        if seen[0] % step == 0 or seen[0] == total:
-            log.info("rewrite: %d/%d requests, %.1f/s, ETA %.0f s", seen[0], total, rate(), (total - seen[0]) / rate())
-
-    return tick, lambda: None
-
-
 def send_all(backend: RewriteBackend, todo: dict[str, str], cache: ReplyCache, psha: str, *, concurrency: int,
              retries: int, log: logging.Logger) -> dict[str, Reply]:
     """Send ``todo`` (key -> text) with at most ``concurrency`` requests in flight; each reply goes
     into the cache as soon as it arrives."""
     replies: dict[str, Reply] = {}
     stop = threading.Event()
-    tick, close = _progress(len(todo), log)
+    tick, close = progress(len(todo), "rewrite", log)
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rewrite")
     pending = {pool.submit(request_with_retries, backend, k, t, retries, stop): k for k, t in todo.items()}
     try:

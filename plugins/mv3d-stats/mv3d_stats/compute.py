@@ -51,7 +51,7 @@ def report_words(root: Path, split: str) -> list[int]:
 
 
 def hu_histogram(root: Path, split: str, max_volumes: int, hu_source: str, log: logging.Logger) -> np.ndarray:
-    import nibabel as nib
+    from mv3dtk.data.preprocess import read_nifti, voxel_data
 
     meta_path = root / ctrate.metadata_csv(split)
     meta = {r["VolumeName"]: r for r in ctrate.read_csv_rows(meta_path)} if meta_path.is_file() else {}
@@ -62,8 +62,8 @@ def hu_histogram(root: Path, split: str, max_volumes: int, hu_source: str, log: 
     for name in pick if folder is not None else []:
         path = root / ctrate.volume_relpath(name, folder.name)
         try:
-            stored = np.asanyarray(nib.load(path).dataobj).astype(np.float32)  # (W, H, D)
-        except Exception as e:  # one unreadable volume must not sink the statistics
+            stored = voxel_data(read_nifti(path), path).astype(np.float32)  # (W, H, D), ISA-L decoding
+        except DataError as e:  # one unreadable volume must not sink the statistics
             log.warning("skipped %s: %s", path, e)
             continue
         row = meta.get(name, {})
