@@ -1,0 +1,63 @@
+"""``mv3d retrieve``: report -> volume recall@k, volume -> volume MAP@k and region phrase grounding,
+each beside a random-embedding baseline (CT-CLIP's protocols)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..registry import Artifact, Stage
+from ..runs import StageContext, pass_stage_context
+
+
+@click.command("retrieve")
+@click.option("--model", "model_dir", help="Saved model directory, e.g. pretrain/<run>/model "
+                                           "[default: the project's latest pretrained model].")
+@click.option("--split", default="valid", show_default=True, help="Split of prep/volumes.parquet (the whole split "
+                                                                  "is the pool).")
+@click.option("--tasks", default="report,volume,region", show_default=True,
+              help="Comma list: report (report -> volume), volume (volume -> volume), region (phrase grounding).")
+@click.option("-k", "ks", default="5,10,50,100", show_default=True, help="k of report -> volume recall@k.")
+@click.option("--volume-k", default="1,5,10,50", show_default=True, help="k of volume -> volume MAP@k.")
+@click.option("--grounding-k", default="10,50", show_default=True, help="k of region grounding top-k.")
+@click.option("--index/--no-index", "use_index", default=True, show_default=True,
+              help="Reuse report embeddings of this model from index/texts.duckdb when present.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random-embedding baseline.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Volumes per forward.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data loader workers.")
+@click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="bf16 autocast on GPU (CPU always runs fp32).")
+@click.option("--run", "run_name", help="Run name (folder under retrieve/) [default: <model run>-<split>-<time>].")
+@click.option("--json", "json_", is_flag=True, help="Print the metrics as JSON on stdout (the table goes to stderr).")
+@pass_stage_context
+def command(sctx: StageContext, model_dir, split, tasks, ks, volume_k, grounding_k, use_index, seed, batch_size,
+            workers, device, precision, run_name, json_):
+    """Retrieval on a whole split: report -> volume recall@k, volume -> volume MAP@k by label
+    Jaccard, region phrase grounding top-k, with random baselines; writes retrieve/<run>/."""
+    from ..eval.retrieval import format_table, run_retrieve
+    from ..eval.zeroshot import point_latest, resolve_model_dir, run_folder
+
+    root = sctx.project.root
+    model_path = resolve_model_dir(root, model_dir)
+    run_dir = run_folder(root, "retrieve", run_name, model_path, split)
+    sctx.log.info("retrieval of %s on %s -> %s", model_path, split, run_dir)
+    summary = run_retrieve(root, model_path, run_dir, split=split, tasks=tasks, ks=ks, volume_ks=volume_k,
+                           grounding_ks=grounding_k, seed=seed, batch_size=batch_size, workers=workers,
+                           device=device, precision=precision, use_index=use_index, log=sctx.log)
+    sctx.record_output("retrieve.run", run_dir)
+    point_latest(run_dir)
+    click.echo(format_table(summary), err=json_)
+    if json_:
+        click.echo(json.dumps({**summary, "run_dir": str(run_dir)}))
+
+
+STAGE = Stage(
+    name="retrieve",
+    command=command,
+    summary="Report -> volume recall@k, volume -> volume MAP@k, region grounding, with random baselines.",
+    inputs=("prep.manifest", "prep.volumes", "prep.regions", "prep.region_texts"),
+    outputs=(Artifact("retrieve.run", "retrieve", "metrics.json, rankings.parquet of the latest run", optional=True),),
+    lock=lambda p: f"retrieve.{p.get('run_name') or 'new'}",
+)

@@ -1,0 +1,70 @@
+"""``mv3d zeroshot``: zero-shot abnormality detection with CT-CLIP's protocol (global), fVLM's organ
+mapping (local, with the masks) and the paper's global-only organ crops (global-crop)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..registry import Artifact, Stage
+from ..runs import StageContext, pass_stage_context
+
+
+@click.command("zeroshot")
+@click.option("--model", "model_dir", help="Saved model directory, e.g. pretrain/<run>/model "
+                                           "[default: the project's latest pretrained model].")
+@click.option("--split", default="valid", show_default=True, help="Split of prep/volumes.parquet to evaluate.")
+@click.option("--mode", default="global,local", show_default=True,
+              help="Comma list: global (CT-CLIP), local (organ embedding + masks, fVLM's 16 labels), "
+                   "global-crop (organ crop encoded globally, the paper's comparison).")
+@click.option("--prompts", default="ctclip", show_default=True,
+              help="ctclip ('X is present.' / 'X is not present.') or a CSV/JSON file of label,positive,negative.")
+@click.option("--templates", help="The two CT-CLIP templates as 'POSITIVE|NEGATIVE', each with one {} for the label "
+                                  "[default: '{} is present.|{} is not present.'].")
+@click.option("--local-prompts", default="same", show_default=True,
+              help="Prompts of the organ modes: same (as --prompts, the form of the enriched texts the model "
+                   "was aligned with), fvlm (fVLM's 'Nodule.' / 'Not Nodule.') or a file.")
+@click.option("--labels", help="Comma list of abnormalities [default: all 18; organ modes keep those with an organ].")
+@click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap resamples of the volumes for confidence intervals (0: none; CT-CLIP: 1000).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Volumes per forward.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data loader workers.")
+@click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="bf16 autocast on GPU (CPU always runs fp32).")
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Write roc.png.")
+@click.option("--run", "run_name", help="Run name (folder under zeroshot/) [default: <model run>-<split>-<time>].")
+@click.option("--json", "json_", is_flag=True, help="Print the metrics as JSON on stdout (the table goes to stderr).")
+@pass_stage_context
+def command(sctx: StageContext, model_dir, split, mode, prompts, templates, local_prompts, labels, bootstrap, seed,
+            batch_size, workers, device, precision, plot, run_name, json_):
+    """Zero-shot detection of the 18 CT-RATE abnormalities: per-class AUROC, F1, precision and
+    accuracy at CT-CLIP's threshold, macro means; writes zeroshot/<run>/."""
+    from ..eval.zeroshot import format_table, point_latest, resolve_model_dir, run_folder, run_zeroshot
+
+    root = sctx.project.root
+    model_path = resolve_model_dir(root, model_dir)
+    run_dir = run_folder(root, "zeroshot", run_name, model_path, split)
+    sctx.log.info("zero-shot of %s on %s -> %s", model_path, split, run_dir)
+    summary = run_zeroshot(root, model_path, run_dir, split=split, modes=mode, prompts=prompts, templates=templates,
+                           local_prompts=local_prompts, labels=labels, bootstrap=bootstrap, seed=seed,
+                           batch_size=batch_size, workers=workers, device=device, precision=precision, plot=plot,
+                           log=sctx.log)
+    sctx.record_output("zeroshot.run", run_dir)
+    point_latest(run_dir)
+    click.echo(format_table(summary), err=json_)
+    if json_:
+        click.echo(json.dumps({**summary, "run_dir": str(run_dir)}))
+
+
+STAGE = Stage(
+    name="zeroshot",
+    command=command,
+    summary="Zero-shot abnormality detection (global, organ-level, organ crops) with CT-CLIP's metrics.",
+    inputs=("prep.manifest", "prep.volumes", "prep.regions", "prep.region_texts"),
+    outputs=(Artifact("zeroshot.run", "zeroshot", "metrics.json, per_class.csv, probabilities.parquet, roc.png "
+                                                  "of the latest run", optional=True),),
+    lock=lambda p: f"zeroshot.{p.get('run_name') or 'new'}",
+)
