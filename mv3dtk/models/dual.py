@@ -47,12 +47,30 @@ def pack(tokens: torch.Tensor, keep: torch.Tensor, present: torch.Tensor):
     return flat.reshape(-1, L, C), valid, b_idx, r_idx
 
 
+POOLS = ("mean", "max")
+
+
+def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None = None, how: str = "mean") -> torch.Tensor:
+    """tokens (B, L, C), valid (B, L) bool | None -> (B, C). ``max`` keeps a small finding (a few
+    tokens) from being averaged away by hundreds of normal ones; ``mean`` is the paper's."""
+    if how == "max":
+        if valid is not None:
+            tokens = tokens.masked_fill(~valid[..., None], float("-inf"))
+        return tokens.amax(1)
+    if how != "mean":
+        raise ValueError(f"pool must be one of {POOLS}, got {how!r}")
+    if valid is None:
+        return tokens.mean(1)
+    return (tokens * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+
+
 def encode_dual(backbone: Backbone, x: torch.Tensor, masks: torch.Tensor | None, n_regions: int,
-                threshold: float = 0.5) -> dict[str, torch.Tensor]:
+                threshold: float = 0.5, pool: str = "mean") -> dict[str, torch.Tensor]:
     """x (B, 1, D, H, W), masks (B, D, H, W) | None -> pooled features (not projected):
-    ``global`` (B, C), ``local`` (B, R, C) (zeros where absent), ``present`` (B, R) bool."""
+    ``global`` (B, C), ``local`` (B, R, C) (zeros where absent), ``present`` (B, R) bool.
+    ``pool``: how tokens become one feature, in both pathways (:func:`pool_tokens`)."""
     early, grid = backbone.forward_early(x)  # (B, N, C)
-    out = {"global": backbone.forward_late(early).mean(1)}  # (B, C)
+    out = {"global": pool_tokens(backbone.forward_late(early), None, pool)}  # (B, C)
     B, _, C = early.shape
     local = early.new_zeros(B, n_regions, C)
     present = torch.zeros(B, n_regions, dtype=torch.bool, device=x.device)
@@ -61,7 +79,7 @@ def encode_dual(backbone: Backbone, x: torch.Tensor, masks: torch.Tensor | None,
         if present.any():
             packed, valid, b_idx, r_idx = pack(early, keep, present)
             late = backbone.forward_late(packed, valid)  # (P, L, C)
-            pooled = (late * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # (P, C)
+            pooled = pool_tokens(late, valid, pool)  # (P, C)
             local = local.index_put((b_idx, r_idx), pooled)
     out.update(local=local, present=present)
     return out

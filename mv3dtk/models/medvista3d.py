@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..fs import atomic_path
-from .dual import encode_dual
+from .dual import POOLS, encode_dual
 from .factory import build_backbone, get_model_config
 
 FORMAT_VERSION = 1
@@ -31,6 +31,9 @@ class MedVista3D(nn.Module):
         self.config = copy.deepcopy(get_model_config(config) if isinstance(config, (str, Path)) else config)
         cfg = self.config
         self.n_regions = int(cfg.get("n_regions", 10))
+        self.pool = str(cfg.get("pool", "mean"))  # token pooling of both pathways: mean (paper) | max
+        if self.pool not in POOLS:
+            raise ConfigError(f"model config 'pool': {self.pool!r} is not one of {', '.join(POOLS)}")
         self.image = build_backbone(cfg["image"])
         if text_dir is not None:
             self.text = TextEncoder.load(text_dir)
@@ -49,36 +52,57 @@ class MedVista3D(nn.Module):
     def encode_image(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """x (B, 1, D, H, W), masks (B, D, H, W) uint16 bitmask | None -> ``global`` (B, E),
         ``local`` (B, R, E) (zeros where absent), ``present`` (B, R) bool; L2-normalised."""
-        feats = encode_dual(self.image, x, masks, self.n_regions)
+        feats = encode_dual(self.image, x, masks, self.n_regions, pool=self.pool)
         local = F.normalize(self.image_proj(feats["local"]), dim=-1) * feats["present"][..., None]
         return {"global": F.normalize(self.image_proj(feats["global"]), dim=-1), "local": local,
                 "present": feats["present"]}
 
     def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text(input_ids, attention_mask)), dim=-1)  # (N, E)
+        return self.project_text(self.text(input_ids, attention_mask))  # (N, E)
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled text-tower features (N, H) -> the shared space (N, E), L2-normalised."""
+        return F.normalize(self.text_proj(features), dim=-1)
+
+    def _text_in(self, texts: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Tokenised texts, or pooled features (N, H) from a frozen text tower -> (N, E)."""
+        if isinstance(texts, torch.Tensor):
+            return self.project_text(texts)
+        return self.encode_text_tokens(texts["input_ids"], texts["attention_mask"])
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         device = self.logit_scale.device
         tok = {k: v.to(device) for k, v in self.text.tokenize(list(texts)).items()}
         return self.encode_text_tokens(tok["input_ids"], tok["attention_mask"])
 
-    def forward(self, image: torch.Tensor, masks: torch.Tensor | None, report: dict[str, torch.Tensor],
-                regions: dict[str, torch.Tensor] | None = None,
+    def forward(self, image: torch.Tensor, masks: torch.Tensor | None, report: dict[str, torch.Tensor] | torch.Tensor,
+                regions: dict[str, torch.Tensor] | torch.Tensor | None = None,
                 region_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One training forward (what DDP wraps). ``report``/``regions`` are tokenised texts
-        (input_ids, attention_mask); ``region_index`` (M, 2) = (sample, region) of each region
-        text. Returns the loss inputs of :class:`mv3dtk.train.losses.MedVista3DLoss`."""
+        (input_ids, attention_mask) or pooled features (N, H) of a frozen text tower;
+        ``region_index`` (M, 2) = (sample, region) of each region text. Returns the loss inputs of
+        :class:`mv3dtk.train.losses.MedVista3DLoss`."""
         img = self.encode_image(image, masks)
         text_local = torch.zeros_like(img["local"])  # (B, R, E)
         valid = torch.zeros_like(img["present"])  # (B, R)
         if regions is not None and region_index is not None and len(region_index):
-            emb = self.encode_text_tokens(regions["input_ids"], regions["attention_mask"])  # (M, E)
+            emb = self._text_in(regions)  # (M, E)
             text_local = text_local.index_put((region_index[:, 0], region_index[:, 1]), emb.to(text_local.dtype))
             valid = valid.index_put((region_index[:, 0], region_index[:, 1]), torch.ones_like(region_index[:, 0],
                                                                                           dtype=torch.bool))
         return {"image_global": img["global"], "image_local": img["local"], "region_present": img["present"],
-                "text_global": self.encode_text_tokens(report["input_ids"], report["attention_mask"]),
+                "text_global": self._text_in(report),
                 "text_local": text_local, "text_local_valid": valid, "logit_scale": self.scale()}
+
+    @property
+    def text_identity(self) -> str:
+        """Identity of the text tower as this model uses it (encoder + projection): the ``encoder``
+        value of rows that ``mv3d index-texts --encoder <model dir>`` stores. Changes with any weight."""
+        import hashlib
+
+        w = self.text_proj.weight.detach().to("cpu", torch.float32).contiguous()
+        proj = hashlib.sha256(w.numpy().tobytes() + str(tuple(w.shape)).encode()).hexdigest()[:12]
+        return f"mv3d:{self.text.identity}+proj-{proj}"
 
     def save(self, directory: str | Path) -> Path:
         from safetensors.torch import save_file

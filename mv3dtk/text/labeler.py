@@ -542,7 +542,7 @@ def _statement(label: str, status: str, side: str | None) -> str:
     if status == "uncertain":
         return f"{label} cannot be excluded."
     if status == "absent":
-        return f"No {label.lower()}."
+        return f"{label} is not present."  # the CT-CLIP prompt wording, so statements and prompts share a form
     raise ValueError(f"unknown status {status!r} for {label!r} (present, uncertain or absent)")
 
 

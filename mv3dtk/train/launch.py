@@ -65,7 +65,7 @@ def _launch(sctx, nproc: int, run: str) -> None:
         raise Mv3dError(f"torchrun exited with code {code}; see the messages above (and pretrain/{run}/)")
 
 
-def pretrain(sctx, *, backbone, model_config, text_encoder, losses, mask_pool_layer, batch_size, epochs, max_steps,
+def pretrain(sctx, *, backbone, model_config, text_encoder, losses, freeze_text=False, mask_pool_layer, batch_size, epochs, max_steps,
              lr, weight_decay, warmup_steps, rsmb_size, rsmb_init, precision, grad_checkpointing, compile_, workers,
              nproc, checkpoint_every, resume, run_name, seed) -> None:
     from .loop import LOSS_NAMES, TrainConfig
@@ -90,7 +90,7 @@ def pretrain(sctx, *, backbone, model_config, text_encoder, losses, mask_pool_la
     train_cfg = TrainConfig(model=cfg, losses=terms, batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr,
                             weight_decay=weight_decay, warmup_steps=warmup_steps, rsmb_size=rsmb_size,
                             precision=precision, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
-                            compile=compile_)
+                            compile=compile_, freeze_text=freeze_text)
     _train(sctx, run_dir, train_cfg, resume)
 
 

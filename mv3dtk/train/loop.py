@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     compile: bool = False
+    freeze_text: bool = False
     extra: dict = field(default_factory=dict)
 
     def resume_key(self) -> dict:
@@ -63,6 +64,27 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 def _tokenize(model, texts: list[str], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in model.text.tokenize(texts).items()}
+
+
+class FrozenTextFeatures:
+    """Pooled features of a frozen text tower, computed once per distinct text (a report seen in
+    every epoch is encoded once). Deterministic, so it is not checkpointed."""
+
+    def __init__(self, model, device, batch_size: int = 64, max_items: int = 500_000):
+        self.model, self.device, self.batch_size, self.max_items = model, device, batch_size, max_items
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if len(self.cache) + len(missing) > self.max_items:
+            self.cache.clear()
+        for i in range(0, len(missing), self.batch_size):
+            chunk = missing[i:i + self.batch_size]
+            tok = _tokenize(self.model, chunk, self.device)
+            feats = self.model.text(tok["input_ids"], tok["attention_mask"]).float()  # (n, H)
+            self.cache.update(zip(chunk, feats))
+        return torch.stack([self.cache[t] for t in texts]).to(self.device)  # (N, H)
 
 
 def _region_inputs(batch: dict, key: str) -> tuple[list[str], torch.Tensor]:
@@ -92,6 +114,10 @@ class Trainer:
             log.warning("%d texts have no rewrite (a partial or stale rewrite/): they use the source text; rerun "
                         "'mv3d rewrite' to cover them", self.data.enriched_missing)
         self.model = MedVista3D(cfg.model).to(self.device)
+        self.frozen_text = None
+        if cfg.freeze_text:  # the text tower stays as loaded; only the projection learns
+            self.model.text.requires_grad_(False)
+            self.frozen_text = FrozenTextFeatures(self.model, self.device)
         self.bank = SemanticBank(cfg.rsmb_size, int(cfg.model["embed_dim"])).to(self.device)
         self.loss_fn = MedVista3DLoss(**{f"use_{n.replace('-', '_')}": n in cfg.losses for n in LOSS_NAMES})
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -133,6 +159,18 @@ class Trainer:
         self.log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch)
 
     # -- one step ------------------------------------------------------------------------
+    def _texts(self, texts: list[str], dev):
+        """What the model's forward takes for ``texts``: tokens, or frozen features (N, H)."""
+        if self.frozen_text is not None:
+            return self.frozen_text(texts)
+        return _tokenize(self.model, texts, dev)
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        if self.frozen_text is not None:
+            return self.model.project_text(self.frozen_text(texts)).float()  # (N, E)
+        return self.model.encode_text(texts).float()  # (N, E)
+
     def _forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """-> the gathered loss inputs, and the gathered enriched embeddings to enqueue."""
         from .dist import gather_batch
@@ -142,8 +180,8 @@ class Trainer:
         masks = batch["mask"].to(dev, non_blocking=True)  # (B, D, H, W)
         texts, index = _region_inputs(batch, "region_texts")
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.net(image, masks, _tokenize(self.model, batch["report"], dev),
-                           _tokenize(self.model, texts, dev) if texts else None, index.to(dev))
+            out = self.net(image, masks, self._texts(batch["report"], dev),
+                           self._texts(texts, dev) if texts else None, index.to(dev))
         enqueue = None
         if self.semantic:
             sem = self._semantic(batch, out)
@@ -153,7 +191,7 @@ class Trainer:
 
     @torch.no_grad()
     def _semantic(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
-        t_hat = self.model.encode_text(batch["enriched"]).float()  # (B, E)
+        t_hat = self._encode_texts(batch["enriched"])  # (B, E)
         nn_g, found_g = self.bank.query(t_hat)
         texts, index = _region_inputs(batch, "enriched_regions")
         B, R, E = out["image_local"].shape
@@ -161,7 +199,7 @@ class Trainer:
         nn_l = torch.zeros(B, R, E, device=self.device)
         found_l = torch.zeros(B, R, dtype=torch.bool, device=self.device)
         if texts:
-            emb = self.model.encode_text(texts).float()  # (M, E)
+            emb = self._encode_texts(texts)  # (M, E)
             nn, found = self.bank.query(emb)
             idx = (index[:, 0].to(self.device), index[:, 1].to(self.device))
             t_loc[idx], nn_l[idx], found_l[idx] = emb, nn, found
@@ -197,6 +235,8 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.model.train()
+        if self.frozen_text is not None:
+            self.model.text.eval()  # no dropout: the cached features are the tower's exact output
         last: dict[str, Any] = {}
         while self.step < self.total:
             last = self._epoch() or last
