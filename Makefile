@@ -16,7 +16,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 .PHONY: install demo test test-fast clean-demo help
 
 help:
-	@echo "make demo   run the CPU demo on synthetic data (creates .venv on first use)"
+	@echo "make demo   run the quickstart on synthetic data, on the CPU (creates .venv on first use)"
 	@echo "make test   run the whole test suite (creates .venv on first use)"
 
 $(STAMP): pyproject.toml plugins/mv3d-stats/pyproject.toml
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml plugins/mv3d-stats/pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	bash recipes/demo.sh
+	bash recipes/quickstart.sh
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,5 +1,5 @@
 """The ``mv3d`` command: a Click group whose subcommands are the stages found through the
-``mv3d.stages`` entry points, plus the built-ins ``init``, ``status``, ``stages`` and ``plugins``.
+``mv3d.stages`` entry points, plus the built-ins ``init``, ``status``, ``summary``, ``stages`` and ``plugins``.
 
 Nothing heavy is imported here: ``mv3d --help`` loads only the thin stage modules.
 """
@@ -21,7 +21,7 @@ from .project import Project, stage_status
 from .registry import get_registry
 from .runs import wrap_stage
 
-BUILTINS = ("init", "status", "stages", "plugins")
+BUILTINS = ("init", "status", "summary", "stages", "plugins")
 TRUTHY = {"1", "true", "yes", "on"}
 
 
@@ -135,6 +135,17 @@ def status(state: RootState, json_: bool) -> None:
         return
     click.echo(_table(["stage", "status", "last run", "outputs"],
                       [[r["stage"], r["status"], r["last_run"] or "-", ", ".join(r["outputs"]) or "-"] for r in rows]))
+
+
+@cli.command()
+@click.option("--json", "json_", is_flag=True, help="Print JSON to stdout.")
+@click.pass_obj
+def summary(state: RootState, json_: bool) -> None:
+    """Headline numbers of the latest zeroshot and retrieve runs, beside random baselines."""
+    from .summary import format_summary, summarize, to_json
+
+    result = summarize(state.project)
+    click.echo(json.dumps(to_json(result), indent=2) if json_ else format_summary(result))
 
 
 @cli.command()
