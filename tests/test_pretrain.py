@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from helpers import run_mv3d
 from mv3dtk import Project, load_model
@@ -76,6 +77,29 @@ def test_losses_switch_off_and_missing_rewrite_falls_back(project):
     assert "global_semantic" not in _losses(p.root / "pretrain" / "gl")[0]
     proc = _pretrain(p, bert, "--max-steps", "1", "--run", "sem")
     assert "rewrite/ has not run" in proc.stderr
+
+
+def test_freeze_text_init_from_and_rsmb_warm_start_from_the_index(project):
+    from mv3dtk.models.text import TextEncoder
+
+    p, bert = project
+    _pretrain(p, bert, "--max-steps", "2", "--freeze-text", "--run", "base")
+    model = load_model(p.root / "pretrain" / "base" / "model")
+    before = TextEncoder(bert).model.state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in model.text.model.state_dict().items())  # frozen: untouched
+    assert not torch.equal(model.text_proj.weight, load_model(p.root / "pretrain" / "base" / "model").text_proj.weight
+                           * 0)  # the projection is real weights
+
+    P, warm = ("-P", str(p.root)), ["pretrain", *SMALL, "--init-from", "pretrain/base/model", "--rsmb-init", "index"]
+    proc = run_mv3d(*P, *warm, "--max-steps", "1", "--run", "w0", check=False, timeout=600)
+    assert proc.returncode == 1 and "mv3d index-texts --encoder pretrain/<run>/model" in proc.stderr
+    run_mv3d(*P, "index-texts", "--encoder", "pretrain/base/model", "--origins", "enriched,region_enriched",
+             timeout=600)
+    proc = run_mv3d(*P, *warm, "--max-steps", "1", "--run", "w1", timeout=600)
+    assert "initialised from" in proc.stderr
+    n = int(proc.stderr.split("RSMB warm-started with ")[1].split()[0])
+    assert 0 < n <= 64  # the bank's size (--rsmb-size 64 in SMALL)
+    assert load_model(p.root / "pretrain" / "w1" / "model").config["image"] == model.config["image"]
 
 
 @pytest.mark.slow

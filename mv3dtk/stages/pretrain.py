@@ -32,7 +32,10 @@ PAPER_BATCH = {"vit": 32, "unimiss": 20}
 @click.option("--warmup-steps", default=200, show_default=True, type=click.IntRange(min=0))
 @click.option("--rsmb-size", default=65536, show_default=True, type=click.IntRange(min=1))
 @click.option("--rsmb-init", type=click.Choice(["none", "index"]), default="none", show_default=True,
-              help="Warm-start the bank from index/texts.duckdb (needs the index-texts stage).")
+              help="Warm-start the bank from index/texts.duckdb: the enriched texts embedded by this run's starting "
+                   "text tower (use with --init-from and 'mv3d index-texts --encoder <that model>').")
+@click.option("--init-from", type=click.Path(file_okay=False),
+              help="Start from a saved model (pretrain/<run>/model): its config, weights and text tower.")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="bf16 autocast on GPU (CPU always runs fp32).")
 @click.option("--grad-checkpointing", is_flag=True, help="Activation checkpointing (less memory, ~30% slower).")
@@ -45,7 +48,7 @@ PAPER_BATCH = {"vit": 32, "unimiss": 20}
 @click.option("--run", "run_name", help="Run name (folder under pretrain/) [default: <backbone>-<time>].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @pass_stage_context
-def command(sctx: StageContext, backbone, model_config, text_encoder, freeze_text, losses, mask_pool_layer, batch_size, epochs,
+def command(sctx: StageContext, backbone, model_config, text_encoder, freeze_text, init_from, losses, mask_pool_layer, batch_size, epochs,
             max_steps, lr, weight_decay, warmup_steps, rsmb_size, rsmb_init, precision, grad_checkpointing, compile_,
             workers, nproc, checkpoint_every, resume, run_name, seed):
     """Pretrain MedVista3D (global + local + semantic alignment) on prep's volumes and masks, the
@@ -53,7 +56,7 @@ def command(sctx: StageContext, backbone, model_config, text_encoder, freeze_tex
     from ..train.launch import pretrain
 
     pretrain(sctx, backbone=backbone, model_config=model_config or DEFAULT_CONFIG[backbone],
-             text_encoder=text_encoder, freeze_text=freeze_text, losses=losses, mask_pool_layer=mask_pool_layer,
+             text_encoder=text_encoder, freeze_text=freeze_text, init_from=init_from, losses=losses, mask_pool_layer=mask_pool_layer,
              batch_size=batch_size or PAPER_BATCH[backbone], epochs=epochs, max_steps=max_steps, lr=lr,
              weight_decay=weight_decay, warmup_steps=warmup_steps, rsmb_size=rsmb_size, rsmb_init=rsmb_init,
              precision=precision, grad_checkpointing=grad_checkpointing, compile_=compile_, workers=workers,

@@ -14,10 +14,16 @@ from ..fs import atomic_write_json
 PARENT_ENV = "MV3D_PARENT_RUN"  # set for the processes a launcher started: they leave the run record to it
 
 
-def _model_config(model_config: str, text_encoder: str, mask_pool_layer, grad_checkpointing: bool) -> dict:
+def _model_config(model_config: str, text_encoder: str, mask_pool_layer, grad_checkpointing: bool,
+                  init_from: Path | None = None) -> dict:
     from ..models.factory import get_model_config
 
-    cfg = get_model_config(model_config)
+    if init_from is not None:  # the saved model's own config, its text tower from its text/ folder
+        cfg = get_model_config(str(init_from / "config.json"))
+        cfg.pop("format_version", None)
+        cfg["text"] = {**cfg["text"], "model": str(init_from / "text")}
+    else:
+        cfg = get_model_config(model_config)
     if text_encoder != "default":
         cfg["text"] = {**cfg["text"], "model": text_encoder}
     if mask_pool_layer is not None:
@@ -65,7 +71,7 @@ def _launch(sctx, nproc: int, run: str) -> None:
         raise Mv3dError(f"torchrun exited with code {code}; see the messages above (and pretrain/{run}/)")
 
 
-def pretrain(sctx, *, backbone, model_config, text_encoder, losses, freeze_text=False, mask_pool_layer, batch_size, epochs, max_steps,
+def pretrain(sctx, *, backbone, model_config, text_encoder, losses, freeze_text=False, init_from=None, mask_pool_layer, batch_size, epochs, max_steps,
              lr, weight_decay, warmup_steps, rsmb_size, rsmb_init, precision, grad_checkpointing, compile_, workers,
              nproc, checkpoint_every, resume, run_name, seed) -> None:
     from .loop import LOSS_NAMES, TrainConfig
@@ -74,10 +80,17 @@ def pretrain(sctx, *, backbone, model_config, text_encoder, losses, freeze_text=
     bad = [t for t in terms if t not in LOSS_NAMES]
     if bad or not terms:
         raise ConfigError(f"--losses {losses!r}: choose from {', '.join(LOSS_NAMES)}")
-    if rsmb_init == "index":
-        raise ConfigError("--rsmb-init index needs index/texts.duckdb from 'mv3d index-texts', which this "
-                          "installation does not have yet; use --rsmb-init none")
-    cfg = _model_config(model_config, text_encoder, mask_pool_layer, grad_checkpointing)
+    source = None
+    if init_from:
+        source = Path(init_from)
+        source = source if source.is_absolute() or source.exists() else sctx.project.root / source
+        if not (source / "config.json").is_file() or not (source / "model.safetensors").is_file():
+            raise ConfigError(f"--init-from {init_from}: not a saved mv3d model (needs config.json and "
+                              "model.safetensors); point at pretrain/<run>/model")
+        if text_encoder != "default":
+            raise ConfigError("--init-from keeps the saved model's text tower; drop --text-encoder")
+        source = source.resolve()
+    cfg = _model_config(model_config, text_encoder, mask_pool_layer, grad_checkpointing, source)
     if cfg["image"]["backbone"] != backbone:
         raise ConfigError(f"--model-config {model_config} is a {cfg['image']['backbone']} model, not --backbone "
                           f"{backbone}")
@@ -90,7 +103,8 @@ def pretrain(sctx, *, backbone, model_config, text_encoder, losses, freeze_text=
     train_cfg = TrainConfig(model=cfg, losses=terms, batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr,
                             weight_decay=weight_decay, warmup_steps=warmup_steps, rsmb_size=rsmb_size,
                             precision=precision, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
-                            compile=compile_, freeze_text=freeze_text)
+                            compile=compile_, freeze_text=freeze_text, rsmb_init=rsmb_init,
+                            init_from=str(source) if source else None)
     _train(sctx, run_dir, train_cfg, resume)
 
 

@@ -37,6 +37,8 @@ class TrainConfig:
     weight_decay: float = 1e-5
     warmup_steps: int = 200
     rsmb_size: int = 65536
+    rsmb_init: str = "none"
+    init_from: str | None = None
     precision: str = "bf16"
     grad_clip: float = 1.0
     workers: int = 4
@@ -114,11 +116,15 @@ class Trainer:
             log.warning("%d texts have no rewrite (a partial or stale rewrite/): they use the source text; rerun "
                         "'mv3d rewrite' to cover them", self.data.enriched_missing)
         self.model = MedVista3D(cfg.model).to(self.device)
+        if cfg.init_from:
+            self._init_from(Path(cfg.init_from))
         self.frozen_text = None
         if cfg.freeze_text:  # the text tower stays as loaded; only the projection learns
             self.model.text.requires_grad_(False)
             self.frozen_text = FrozenTextFeatures(self.model, self.device)
         self.bank = SemanticBank(cfg.rsmb_size, int(cfg.model["embed_dim"])).to(self.device)
+        if cfg.rsmb_init == "index" and not resume:  # a resumed run restores its own bank
+            self._warm_start_bank(project_root)
         self.loss_fn = MedVista3DLoss(**{f"use_{n.replace('-', '_')}": n in cfg.losses for n in LOSS_NAMES})
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -142,6 +148,37 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
             self.net = torch.compile(self.net)
+
+    def _init_from(self, path: Path) -> None:
+        """Start from a saved model's weights (its text tower is already the config's text model)."""
+        from safetensors.torch import load_file
+
+        missing, unexpected = self.model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        missing = [k for k in missing if not k.startswith("text.")]
+        if missing or unexpected:
+            raise Mv3dError(f"--init-from {path}: its weights do not fit the model (missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}); point at a pretrain/<run>/model saved by mv3d")
+        self.log.info("initialised from %s", path)
+
+    def _warm_start_bank(self, root: Path) -> None:
+        """Fill the RSMB with the enriched texts that ``mv3d index-texts`` embedded with this very
+        text tower (same encoder identity), newest last; Algorithm 1 then continues from there."""
+        from ..text.index import index_path, load_matrix
+
+        ident = self.model.text_identity
+        try:
+            _, _, emb = load_matrix(index_path(root), ident, origins=("enriched", "region_enriched"))
+        except Mv3dError as e:
+            raise Mv3dError(f"--rsmb-init index: {e}. The bank can only start from embeddings of the text tower this "
+                            "run starts with: start from a trained model with --init-from pretrain/<run>/model and "
+                            "index it first with: mv3d index-texts --encoder pretrain/<run>/model "
+                            "--origins enriched,region_enriched") from None
+        if not len(emb):
+            raise Mv3dError("--rsmb-init index: the index has no enriched texts for this text tower; run: mv3d rewrite, "
+                            "then mv3d index-texts --encoder <the --init-from model> --origins enriched,region_enriched")
+        self.bank.enqueue(emb[-self.cfg.rsmb_size:].to(self.device))
+        self.log.info("RSMB warm-started with %d enriched embeddings from index/texts.duckdb (%s)", len(self.bank),
+                      ident)
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.run_dir)
