@@ -171,7 +171,10 @@ def index_report_embeddings(project_root: str | Path, encoder: str, volume_ids: 
     try:
         emb = fetch_embeddings(db, encoder, ids, strict=False).numpy().astype(np.float32)  # (V, E), NaN: missing
     except Mv3dError as e:  # no rows for this encoder, being written, not an index: encode instead
-        (log or get_logger("retrieve")).info("not using %s for the reports: %s", db, e)
+        (log or get_logger("retrieve")).info(
+            "encoding the reports with the model (%s has none from its text tower to reuse; to reuse them next "
+            "time: mv3d index-texts --encoder <model dir>)", db)
+        get_logger("retrieve").debug("index lookup: %s", e)
         return None
     found = ~np.isnan(emb).any(1)  # (V,)
     if not found.any():

@@ -19,6 +19,7 @@ import hashlib
 import heapq
 import json
 import os
+import sys
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -58,6 +59,11 @@ def _offline() -> None:
     """Make sure Hugging Face libraries never reach for the network (set before importing them)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if not sys.stderr.isatty():  # transformers' own bars ("Loading weights") only on a terminal (DESIGN §2)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 # --------------------------------------------------------------------------- where models live

@@ -121,7 +121,10 @@ def _train(sctx, run_dir: Path, train_cfg, resume: bool) -> None:
                                                     "max_steps": train_cfg.max_steps})
     trainer = Trainer(sctx.project.root, run_dir, train_cfg, dist, sctx.log, resume)
     last = trainer.run()
-    if dist.is_main:
+    if dist.is_main and not last:
+        sctx.log.info("pretrain: the run had already finished (step %d); model: %s", trainer.step, run_dir / "model")
+        sctx.record_output("pretrain.model", run_dir / "model")
+    elif dist.is_main:
         sctx.log.info("pretrain: %d steps, final loss %.4f, %.1f volumes/s; model: %s", last.get("step", 0),
                       last.get("loss", float("nan")), last.get("volumes_per_s", 0.0), run_dir / "model")
         sctx.record_output("pretrain.model", run_dir / "model")

@@ -279,7 +279,7 @@ class Trainer:
             last = self._epoch() or last
             if self.step < self.total:
                 self.epoch, self.batch = self.epoch + 1, 0
-        if self.dist.is_main:
+        if self.dist.is_main and (last or not (self.run_dir / "model").is_dir()):  # a finished run: nothing new
             self.model.save(self.run_dir / "model")
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         return last
