@@ -100,8 +100,11 @@ class MedVista3D(nn.Module):
         value of rows that ``mv3d index-texts --encoder <model dir>`` stores. Changes with any weight."""
         import hashlib
 
-        w = self.text_proj.weight.detach().to("cpu", torch.float32).contiguous()
-        proj = hashlib.sha256(w.numpy().tobytes() + str(tuple(w.shape)).encode()).hexdigest()[:12]
+        h = hashlib.sha256()
+        for name, w in self.text_proj.state_dict().items():
+            w = w.detach().to("cpu", torch.float32).contiguous()
+            h.update(name.encode() + str(tuple(w.shape)).encode() + w.numpy().tobytes())
+        proj = h.hexdigest()[:12]
         return f"mv3d:{self.text.identity}+proj-{proj}"
 
     def save(self, directory: str | Path) -> Path:

@@ -98,7 +98,7 @@ class MV3DEncoder:
         self.model = load_model(model_dir, map_location=_pick_device(device)).eval()
         self.name = f"mv3d:{Path(model_dir).resolve().parent.name}"
         self.identity = self.model.text_identity
-        self.dim = int(self.model.text_proj.out_features)
+        self.dim = int(self.model.config["embed_dim"])
         self.max_length = self.model.text.max_length
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> "torch.Tensor":

@@ -1,0 +1,52 @@
+"""The whole chain learns (issue #6, Deliver 6): synthetic CT-RATE -> prep -> rewrite (rules) ->
+pretrain (vit-tiny, CPU, a few minutes) -> zero-shot with the CT-CLIP protocol. Untrained, every AUC
+sits at 0.5 +- noise; the thresholds below are what a working chain clears with a margin (the
+figures come from benchmarks/learnability.py on the same seed). The issue's target, a mean global
+AUC of 0.80, is not reached yet: see the README's "Learnability" paragraph for why. A broken loss, a text/image misalignment in
+the loader, a wrong mask bit or a prompt/label mix-up all bring them back to chance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import run_mv3d
+
+GRID = ["--spacing", "6", "1.5", "1.5"]
+SIZE = ["--size", "32", "64", "64"]
+
+
+@pytest.mark.slow
+def test_tiny_pretraining_on_synthetic_data_beats_chance_in_zero_shot(tmp_path):
+    import torch
+
+    from mv3dtk import load_model
+    from mv3dtk.eval.zeroshot import zero_shot
+
+    data, proj = tmp_path / "data", tmp_path / "project"
+    run_mv3d("synth", str(data), "--n-train", "240", "--n-valid", "60", "--shape", "32", "64", "64", *GRID,
+             "--seed", "0", timeout=600)
+    run_mv3d("init", str(proj))
+    run_mv3d("-P", str(proj), "prep", str(data), *GRID, *SIZE, "--workers", "2", timeout=600)
+    run_mv3d("-P", str(proj), "rewrite", "--backend", "rules", timeout=600)
+    run_mv3d("-P", str(proj), "pretrain", "--backbone", "vit", "--model-config", "vit-tiny", "--freeze-text",
+             "--batch-size", "16", "--epochs", "10", "--warmup-steps", "20", "--lr", "1e-3", "--workers", "1",
+             "--run", "learn", timeout=1200)
+    rows = [json.loads(x) for x in (proj / "pretrain" / "learn" / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    assert last["global"] < first["global"] - 0.3  # the contrastive loss really goes down
+
+    torch.manual_seed(0)
+    model = load_model(proj / "pretrain" / "learn" / "model").eval()
+    glob = zero_shot(model, proj, mode="global")
+    loc = zero_shot(model, proj, mode="local")
+    assert glob["n_volumes"] == 80 and glob["macro"]["n_classes"] >= 15
+    # measured on this seed: global 0.585, local 0.639 (benchmarks/learnability.py --epochs 10)
+    assert glob["macro"]["auroc"] >= 0.55, glob["per_class"]
+    assert loc["macro"]["auroc"] >= 0.60, loc["per_class"]
+    # large, high-contrast findings are learnt clearly (measured: 0.865, 0.845 / 0.971, 1.0, 0.955)
+    easy = [glob["per_class"][k]["auroc"] for k in ("Medical material", "Atelectasis")]
+    assert min(easy) >= 0.75, easy
+    organ = [loc["per_class"][k]["auroc"] for k in ("Cardiomegaly", "Hiatal hernia", "Atelectasis")]
+    assert min(organ) >= 0.85, organ
