@@ -44,12 +44,9 @@ def parse_ks(ks: Sequence[int] | str, option: str = "-k") -> list[int]:
 
 
 def resolve_tasks(tasks: Sequence[str] | str) -> list[str]:
-    names = [s.strip() for s in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    names = [n for n in names if n]
-    bad = [n for n in names if n not in TASKS]
-    if bad or not names:
-        raise ConfigError(f"--tasks {','.join(names) or '(empty)'}: choose from {', '.join(TASKS)}")
-    return list(dict.fromkeys(names))
+    from .runs import parse_choices
+
+    return parse_choices(tasks, TASKS, "--tasks")
 
 
 def rank_targets(queries: np.ndarray, candidates: np.ndarray, target: np.ndarray, k: int,

@@ -150,12 +150,9 @@ def resolve_labels(labels: Sequence[str] | str | None) -> list[str]:
 
 
 def resolve_modes(modes: Sequence[str] | str) -> list[str]:
-    names = [s.strip() for s in modes.split(",")] if isinstance(modes, str) else list(modes)
-    names = [n for n in names if n]
-    bad = [n for n in names if n not in MODES]
-    if bad or not names:
-        raise ConfigError(f"--mode {','.join(names) or '(empty)'}: choose from {', '.join(MODES)}")
-    return list(dict.fromkeys(names))
+    from .runs import parse_choices
+
+    return parse_choices(modes, MODES, "--mode")
 
 
 def pair_probability(img: np.ndarray, pos: np.ndarray, neg: np.ndarray, scale: float) -> np.ndarray:

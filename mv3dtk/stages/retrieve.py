@@ -3,8 +3,6 @@ each beside a random-embedding baseline (CT-CLIP's protocols)."""
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from ..registry import Artifact, Stage
@@ -37,7 +35,8 @@ def command(sctx: StageContext, model_dir, split, tasks, ks, volume_k, grounding
     """Retrieval on a whole split: report -> volume recall@k, volume -> volume MAP@k by label
     Jaccard, region phrase grounding top-k, with random baselines; writes retrieve/<run>/."""
     from ..eval.retrieval import format_table, run_retrieve
-    from ..eval.zeroshot import point_latest, resolve_model_dir, run_folder
+    from ..eval.runs import publish
+    from ..eval.zeroshot import resolve_model_dir, run_folder
 
     root = sctx.project.root
     model_path = resolve_model_dir(root, model_dir)
@@ -46,11 +45,7 @@ def command(sctx: StageContext, model_dir, split, tasks, ks, volume_k, grounding
     summary = run_retrieve(root, model_path, run_dir, split=split, tasks=tasks, ks=ks, volume_ks=volume_k,
                            grounding_ks=grounding_k, seed=seed, batch_size=batch_size, workers=workers,
                            device=device, precision=precision, use_index=use_index, log=sctx.log)
-    sctx.record_output("retrieve.run", run_dir)
-    point_latest(run_dir)
-    click.echo(format_table(summary), err=json_)
-    if json_:
-        click.echo(json.dumps({**summary, "run_dir": str(run_dir)}))
+    publish(sctx, "retrieve.run", run_dir, summary, format_table(summary), json_)
 
 
 STAGE = Stage(

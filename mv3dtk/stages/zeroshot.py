@@ -3,8 +3,6 @@ mapping (local, with the masks) and the paper's global-only organ crops (global-
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from ..registry import Artifact, Stage
@@ -42,7 +40,8 @@ def command(sctx: StageContext, model_dir, split, mode, prompts, templates, loca
             batch_size, workers, device, precision, plot, run_name, json_):
     """Zero-shot detection of the 18 CT-RATE abnormalities: per-class AUROC, F1, precision and
     accuracy at CT-CLIP's threshold, macro means; writes zeroshot/<run>/."""
-    from ..eval.zeroshot import format_table, point_latest, resolve_model_dir, run_folder, run_zeroshot
+    from ..eval.runs import publish
+    from ..eval.zeroshot import format_table, resolve_model_dir, run_folder, run_zeroshot
 
     root = sctx.project.root
     model_path = resolve_model_dir(root, model_dir)
@@ -52,11 +51,7 @@ def command(sctx: StageContext, model_dir, split, mode, prompts, templates, loca
                            local_prompts=local_prompts, labels=labels, bootstrap=bootstrap, seed=seed,
                            batch_size=batch_size, workers=workers, device=device, precision=precision, plot=plot,
                            log=sctx.log)
-    sctx.record_output("zeroshot.run", run_dir)
-    point_latest(run_dir)
-    click.echo(format_table(summary), err=json_)
-    if json_:
-        click.echo(json.dumps({**summary, "run_dir": str(run_dir)}))
+    publish(sctx, "zeroshot.run", run_dir, summary, format_table(summary), json_)
 
 
 STAGE = Stage(
