@@ -111,6 +111,7 @@ def main(out_dir: str) -> None:
     except UnequalBatchError as e:
         res["unequal_error"] = str(e)
     torch.save(res, Path(out_dir) / f"rank{info.rank}.pt")
+    torch.distributed.barrier()  # both ranks done before either tears gloo down (a race aborted rank 0 once, under load)
     torch.distributed.destroy_process_group()
 
 

@@ -301,7 +301,8 @@ def test_bad_volumes_fail_alone_with_a_clear_error(broken, mv3d_project):
     assert ok["Cardiomegaly"].null_count() == 0 and ok.filter(pl.col("split") == "valid")["Emphysema"].null_count() == 0
     empty = df.filter(pl.col("volume_id") == "train_5_a_1").row(0, named=True)
     assert empty["status"] == "ok" and empty["findings"] is None and "findings section is empty" in empty["warning"]
-    assert json.loads(run_mv3d("-P", str(mv3d_project.root), "status", "--json").stdout)[0]["status"] == "failed"
+    rows = json.loads(run_mv3d("-P", str(mv3d_project.root), "status", "--json").stdout)
+    assert {r["stage"]: r["status"] for r in rows}["prep"] == "failed"
     keep = _prep(mv3d_project, str(broken), *SMALL, "--keep-going")
     assert "(0 processed" not in keep.stderr  # failed volumes are retried, finished ones skipped
     assert f"{ok.height} already done" in keep.stderr
