@@ -122,8 +122,6 @@ class MedVista3D(nn.Module):
 
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> MedVista3D:
     """Rebuild a saved MedVista3D from its directory alone (config.json, model.safetensors, text/)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise ConfigError(f"{path} is not a saved mv3d model (needs config.json, model.safetensors and text/); "
@@ -132,10 +130,19 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     if config.pop("format_version", 0) > FORMAT_VERSION:
         raise ConfigError(f"{path} was saved by a newer mv3d; upgrade mv3d")
     model = MedVista3D(config, text_dir=path / "text")
+    load_weights(model, path, map_location=map_location)
+    return model.to(map_location)
+
+
+def load_weights(model: MedVista3D, path: str | Path, *, map_location: str | torch.device = "cpu") -> None:
+    """Load ``path/model.safetensors`` (all but the text tower, which lives in ``path/text``) into
+    ``model``; weights that do not fit the model's config are an error."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
     state = load_file(str(path / "model.safetensors"), device=str(map_location))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("text.")]
     if missing or unexpected:
         raise ConfigError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected "
                           f"{unexpected[:5]}); the files are from different models")
-    return model.to(map_location)

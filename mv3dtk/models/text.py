@@ -19,8 +19,8 @@ import hashlib
 import heapq
 import json
 import os
-import sys
 import re
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -60,10 +60,9 @@ def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if not sys.stderr.isatty():  # transformers' own bars ("Loading weights") only on a terminal (DESIGN §2)
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+        if "transformers" in sys.modules:  # imported already: switch its bars off directly
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 # --------------------------------------------------------------------------- where models live

@@ -71,9 +71,9 @@ def _launch(sctx, nproc: int, run: str) -> None:
         raise Mv3dError(f"torchrun exited with code {code}; see the messages above (and pretrain/{run}/)")
 
 
-def pretrain(sctx, *, backbone, model_config, text_encoder, losses, freeze_text=False, init_from=None, mask_pool_layer, batch_size, epochs, max_steps,
+def pretrain(sctx, *, backbone, model_config, text_encoder, losses, mask_pool_layer, batch_size, epochs, max_steps,
              lr, weight_decay, warmup_steps, rsmb_size, rsmb_init, precision, grad_checkpointing, compile_, workers,
-             nproc, checkpoint_every, resume, run_name, seed) -> None:
+             nproc, checkpoint_every, resume, run_name, seed, freeze_text=False, init_from=None) -> None:
     from .loop import LOSS_NAMES, TrainConfig
 
     terms = tuple(t.strip() for t in losses.split(",") if t.strip())

@@ -151,13 +151,9 @@ class Trainer:
 
     def _init_from(self, path: Path) -> None:
         """Start from a saved model's weights (its text tower is already the config's text model)."""
-        from safetensors.torch import load_file
+        from ..models.medvista3d import load_weights
 
-        missing, unexpected = self.model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-        missing = [k for k in missing if not k.startswith("text.")]
-        if missing or unexpected:
-            raise Mv3dError(f"--init-from {path}: its weights do not fit the model (missing {missing[:3]}, unexpected "
-                            f"{unexpected[:3]}); point at a pretrain/<run>/model saved by mv3d")
+        load_weights(self.model, path, map_location=self.device)
         self.log.info("initialised from %s", path)
 
     def _warm_start_bank(self, root: Path) -> None:
