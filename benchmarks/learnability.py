@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--valid", type=int, default=60, help="validation scans")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--global-text", default="mixed", help="pretrain --global-text (the demo's: mixed)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mv3d-learn"))
     a = ap.parse_args()
 
@@ -51,7 +52,8 @@ def main() -> None:
     mv3d("-P", str(proj), "rewrite", "--backend", "rules")
     print(f"data: {a.scans} + {a.valid} scans, synth + prep + rewrite {time.perf_counter() - t0:.0f} s")
 
-    common = ["--backbone", "vit", "--model-config", "vit-tiny", "--freeze-text", "--batch-size", "16", "--epochs",
+    common = ["--backbone", "vit", "--model-config", "vit-tiny", "--freeze-text", "--global-text", a.global_text,
+              "--batch-size", "16", "--epochs",
               str(a.epochs), "--warmup-steps", "20", "--lr", "1e-3", "--workers", "1", "--seed", str(a.seed)]
     rows = []
     for name, losses in (("all four terms", "global,local,global-semantic,local-semantic"),

@@ -94,7 +94,8 @@ def test_gradients_reach_both_towers_and_the_temperature(model):
            "text_global": txt, "text_local": torch.zeros_like(img["local"]),
            "text_local_valid": torch.zeros_like(img["present"]), "logit_scale": model.scale()}
     MedVista3DLoss(use_global_semantic=False, use_local_semantic=False)(out)["loss"].backward()
-    assert model.image.patch_embed.weight.grad.abs().sum() > 0
+    first = next(model.image.patch_embed.parameters())  # the first conv of the stem
+    assert first.grad.abs().sum() > 0
     assert model.text_proj.weight.grad.abs().sum() > 0 and model.logit_scale.grad is not None
     emb = model.text.model.get_input_embeddings().weight
     assert emb.grad is not None and emb.grad.abs().sum() > 0
@@ -117,3 +118,17 @@ def test_every_tiny_config_trains_end_to_end_through_the_dual_pathway(name, tiny
     model.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(x, masks)["local"], loaded.encode_image(x, masks)["local"])
+
+
+def test_batchnorm_statistics_of_the_conv_stem_survive_save_and_load(model, tmp_path):
+    assert model.config["image"].get("stem"), "vit-tiny is the hybrid (conv stem) ViT"
+    x = torch.randn(3, 1, 16, 32, 32)
+    model.train()
+    with torch.no_grad():
+        model.encode_image(x)  # moves the BatchNorm running statistics away from their defaults
+    model.eval()
+    with torch.no_grad():
+        ref = model.encode_image(x)["global"]
+    again = load_model(model.save(tmp_path / "m")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image(x)["global"], ref)

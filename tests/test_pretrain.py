@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -143,3 +144,35 @@ def test_pretrain_needs_prep_first(tmp_path):
     project = Project.init(tmp_path / "empty")
     proc = run_mv3d("-P", str(project.root), "pretrain", *SMALL, check=False)
     assert proc.returncode == 1 and "needs 'prep.manifest' (made by 'prep')" in proc.stderr
+
+
+def test_global_texts_draw_statements_reproducibly_and_know_their_positives():
+    from mv3dtk.train.loop import global_texts, positives_from_ids, statement_ids
+
+    batch = {"index": torch.tensor([0, 1, 2]), "report": ["r0", "r1", "r2"],
+             "enriched": ["Emphysema is present. Atelectasis is not present.",
+                          "Emphysema is not present. Atelectasis is not present.",
+                          "Cardiomegaly is present."]}
+    assert global_texts(batch, "report", 0, 5) == ["r0", "r1", "r2"]
+    assert global_texts(batch, "enriched", 0, 5) == batch["enriched"]
+    draws = [global_texts(batch, "statement", 0, step) for step in range(40)]
+    assert draws[7] == global_texts(batch, "statement", 0, 7)  # a resumed run draws the same
+    assert {d[1] for d in draws} == {"Emphysema is not present.", "Atelectasis is not present."}
+    assert all(d[2] == "Cardiomegaly is present." for d in draws)
+    mixed = [global_texts(batch, "mixed", 0, step)[0] for step in range(40)]
+    assert batch["enriched"][0] in mixed and "Emphysema is present." in mixed
+
+    texts = ["Atelectasis is not present.", "Atelectasis is not present.", "Cardiomegaly is present."]
+    pos = positives_from_ids(*statement_ids(batch, texts))
+    assert pos.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    whole = positives_from_ids(*statement_ids(batch, batch["enriched"]))
+    assert whole.tolist() == torch.eye(3, dtype=torch.bool).tolist()  # a whole report is true of its own volume only
+
+
+def test_pretrain_with_statements_as_the_global_text(project):
+    p, bert = project
+    _pretrain(p, bert, "--max-steps", "2", "--global-text", "mixed", "--run", "mix")
+    rows = _losses(p.root / "pretrain" / "mix")
+    assert len(rows) == 2 and all(math.isfinite(r["global"]) for r in rows)
+    cfg = json.loads((p.root / "pretrain" / "mix" / "config.json").read_text())
+    assert cfg["train"]["global_text"] == "mixed"  # part of what a resume must match

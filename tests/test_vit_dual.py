@@ -105,3 +105,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     b(x).square().mean().backward()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_conv_stem_keeps_the_token_grid_and_learns_batch_statistics():
+    torch.manual_seed(0)
+    plain = ViT3D(embed_dim=32, depth=1, heads=4, patch_size=(4, 8, 8), input_size=(16, 32, 32))
+    hybrid = ViT3D(embed_dim=32, depth=1, heads=4, patch_size=(4, 8, 8), input_size=(16, 32, 32), stem=[8, 16, 32])
+    x = torch.randn(2, 1, 16, 32, 32)
+    assert plain.patch_embed(x).shape == hybrid.patch_embed(x).shape == (2, 32, 4, 4, 4)
+    strides = [m.stride for m in hybrid.patch_embed if isinstance(m, torch.nn.Conv3d)]
+    assert strides == [(2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 1, 1)]  # the stages use up the 4x8x8 patch
+    bn = [m for m in hybrid.patch_embed if isinstance(m, torch.nn.BatchNorm3d)]
+    hybrid.train()(x)
+    assert all(int(m.num_batches_tracked) == 2 for m in bn) and not torch.equal(bn[0].running_mean, torch.zeros(8))
+
+
+def test_meanmax_pooling_concatenates_mean_and_max_over_valid_tokens():
+    from mv3dtk.models.dual import pool_tokens, pool_width
+
+    tokens = torch.tensor([[[1.0, -2.0], [3.0, 0.0], [100.0, 100.0]]])  # (1, 3, 2); the last token is padding
+    valid = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(pool_tokens(tokens, valid, "meanmax"), torch.tensor([[2.0, -1.0, 3.0, 0.0]]))
+    assert pool_width("meanmax") == 2 and pool_width("max") == pool_width("mean") == 1

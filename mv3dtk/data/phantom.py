@@ -424,10 +424,10 @@ NODE_STATIONS = {"right paratracheal": (-0.09, -0.07, 0.74), "subcarinal": (0.0,
 
 def _draw_nodes(cv: Canvas, f: Finding, rng: np.random.Generator) -> Finding:
     stations = list(NODE_STATIONS)
-    n = int(rng.integers(2, 4))
+    n = int(rng.integers(3, 5))
     picked = [stations[i] for i in sorted(rng.choice(len(stations), size=n, replace=False))]
     g = cv.grid
-    r_mm = max(float(rng.uniform(0.045, 0.06) * g.units[0]), 3.5 * max(g.spacing[:2]))
+    r_mm = max(float(rng.uniform(0.06, 0.08) * g.units[0]), 3.5 * max(g.spacing[:2]))
     r = np.array([r_mm, r_mm, max(r_mm, 1.2 * g.spacing[2])]) / g.units  # ovoid, >= 2 slices tall
     for name in picked:
         box, level = _ellipsoid(g, _snap(g, NODE_STATIONS[name]), r)
@@ -661,22 +661,22 @@ def _draw_septal(cv: Canvas, f: Finding, rng) -> None:
 def _draw_calcs_aorta(cv: Canvas, rng) -> None:
     g, ux = cv.grid, float(cv.grid.units[0])
     path = aorta_path(cv)
-    for _ in range(int(rng.integers(4, 8))):
+    for _ in range(int(rng.integers(8, 14))):
         i = int(rng.integers(2, len(path) - 1))
         t = rng.uniform(0, 1)
         p = np.array(path[i]) * (1 - t) + np.array(path[i + 1]) * t
         ang = rng.uniform(0, 2 * np.pi)
         p = p + 0.058 * np.array([np.cos(ang), np.sin(ang), 0.0]) * np.array([1, g.units[0] / g.units[1], 0])
-        _spot(cv, p, max(1.5, 0.012 * ux), 900)
+        _spot(cv, p, max(2.0, 0.02 * ux), 1000)
 
 
 def _draw_calcs_coronary(cv: Canvas, rng) -> None:
     g = cv.grid
     c, r = _heart_geom(cv, None)
-    for _ in range(int(rng.integers(3, 6))):
+    for _ in range(int(rng.integers(6, 10))):
         d = np.array([rng.uniform(-0.4, 0.9), rng.uniform(-1.0, -0.4), rng.uniform(0.0, 0.7)])
         p = c + 0.965 * r * d / np.linalg.norm(d)
-        _spot(cv, p, max(1.5, 0.01 * g.units[0]), 900)
+        _spot(cv, p, max(2.0, 0.018 * g.units[0]), 1000)
 
 
 def _draw_catheter(cv: Canvas) -> None:

@@ -47,12 +47,20 @@ def pack(tokens: torch.Tensor, keep: torch.Tensor, present: torch.Tensor):
     return flat.reshape(-1, L, C), valid, b_idx, r_idx
 
 
-POOLS = ("mean", "max")
+POOLS = ("mean", "max", "meanmax")
+
+
+def pool_width(how: str) -> int:
+    """How many token widths :func:`pool_tokens` returns: 2 for ``meanmax``, else 1."""
+    return 2 if how == "meanmax" else 1
 
 
 def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None = None, how: str = "mean") -> torch.Tensor:
-    """tokens (B, L, C), valid (B, L) bool | None -> (B, C). ``max`` keeps a small finding (a few
-    tokens) from being averaged away by hundreds of normal ones; ``mean`` is the paper's."""
+    """tokens (B, L, C), valid (B, L) bool | None -> (B, C), or (B, 2C) for ``meanmax``. ``max`` keeps a
+    small finding (a few tokens) from being averaged away by hundreds of normal ones; ``mean`` is the
+    paper's and sees diffuse change; ``meanmax`` concatenates both."""
+    if how == "meanmax":
+        return torch.cat([pool_tokens(tokens, valid, "mean"), pool_tokens(tokens, valid, "max")], dim=-1)
     if how == "max":
         if valid is not None:
             tokens = tokens.masked_fill(~valid[..., None], float("-inf"))
@@ -67,12 +75,13 @@ def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None = None, how: st
 def encode_dual(backbone: Backbone, x: torch.Tensor, masks: torch.Tensor | None, n_regions: int,
                 threshold: float = 0.5, pool: str = "mean") -> dict[str, torch.Tensor]:
     """x (B, 1, D, H, W), masks (B, D, H, W) | None -> pooled features (not projected):
-    ``global`` (B, C), ``local`` (B, R, C) (zeros where absent), ``present`` (B, R) bool.
+    ``global`` (B, C'), ``local`` (B, R, C') (zeros where absent), ``present`` (B, R) bool, where
+    C' = C * pool_width(pool).
     ``pool``: how tokens become one feature, in both pathways (:func:`pool_tokens`)."""
     early, grid = backbone.forward_early(x)  # (B, N, C)
     out = {"global": pool_tokens(backbone.forward_late(early), None, pool)}  # (B, C)
     B, _, C = early.shape
-    local = early.new_zeros(B, n_regions, C)
+    local = early.new_zeros(B, n_regions, C * pool_width(pool))
     present = torch.zeros(B, n_regions, dtype=torch.bool, device=x.device)
     if masks is not None:
         keep, present = select_tokens(region_weights(masks, n_regions, grid), threshold)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..fs import atomic_path
-from .dual import POOLS, encode_dual
+from .dual import POOLS, encode_dual, pool_width
 from .factory import build_backbone, get_model_config
 
 FORMAT_VERSION = 1
@@ -31,7 +31,7 @@ class MedVista3D(nn.Module):
         self.config = copy.deepcopy(get_model_config(config) if isinstance(config, (str, Path)) else config)
         cfg = self.config
         self.n_regions = int(cfg.get("n_regions", 10))
-        self.pool = str(cfg.get("pool", "mean"))  # token pooling of both pathways: mean (paper) | max
+        self.pool = str(cfg.get("pool", "mean"))  # token pooling of both pathways: mean (paper) | max | meanmax
         if self.pool not in POOLS:
             raise ConfigError(f"model config 'pool': {self.pool!r} is not one of {', '.join(POOLS)}")
         self.image = build_backbone(cfg["image"])
@@ -42,7 +42,7 @@ class MedVista3D(nn.Module):
             path, opts = resolve_text_model(tcfg.pop("model"))
             self.text = TextEncoder(path, **{**opts, **tcfg})
         dim = int(cfg["embed_dim"])
-        self.image_proj = nn.Linear(self.image.embed_dim, dim, bias=False)
+        self.image_proj = nn.Linear(self.image.embed_dim * pool_width(self.pool), dim, bias=False)
         self.text_proj = nn.Linear(self.text.hidden_size, dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / float(cfg.get("init_temperature", 0.07)))))
 

@@ -21,6 +21,10 @@ PAPER_BATCH = {"vit": 32, "unimiss": 20}
 @click.option("--freeze-text", is_flag=True,
               help="Keep the text tower as loaded and train only its projection (its features are computed once "
                    "per distinct text: several times faster on CPU and for small datasets).")
+@click.option("--global-text", type=click.Choice(["report", "enriched", "statement", "mixed"]), default="report",
+              show_default=True,
+              help="What the global term aligns each volume with: its report (the paper), the whole enriched report, "
+                   "one enriched statement drawn at every step (the form zero-shot prompts take), or either (mixed).")
 @click.option("--losses", default="global,local,global-semantic,local-semantic", show_default=True,
               help="Loss terms to use (the paper's Table 4 ablation).")
 @click.option("--mask-pool-layer", type=int, help="First block of the local pathway (default: the config's, -1).")
@@ -48,7 +52,8 @@ PAPER_BATCH = {"vit": 32, "unimiss": 20}
 @click.option("--run", "run_name", help="Run name (folder under pretrain/) [default: <backbone>-<time>].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @pass_stage_context
-def command(sctx: StageContext, backbone, model_config, text_encoder, freeze_text, init_from, losses, mask_pool_layer,
+def command(sctx: StageContext, backbone, model_config, text_encoder, freeze_text, global_text, init_from, losses,
+            mask_pool_layer,
             batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, rsmb_size, rsmb_init, precision, grad_checkpointing, compile_,
             workers, nproc, checkpoint_every, resume, run_name, seed):
     """Pretrain MedVista3D (global + local + semantic alignment) on prep's volumes and masks, the
@@ -56,7 +61,8 @@ def command(sctx: StageContext, backbone, model_config, text_encoder, freeze_tex
     from ..train.launch import pretrain
 
     pretrain(sctx, backbone=backbone, model_config=model_config or DEFAULT_CONFIG[backbone],
-             text_encoder=text_encoder, freeze_text=freeze_text, init_from=init_from, losses=losses,
+             text_encoder=text_encoder, freeze_text=freeze_text, global_text=global_text, init_from=init_from,
+             losses=losses,
              mask_pool_layer=mask_pool_layer,
              batch_size=batch_size or PAPER_BATCH[backbone], epochs=epochs, max_steps=max_steps, lr=lr,
              weight_decay=weight_decay, warmup_steps=warmup_steps, rsmb_size=rsmb_size, rsmb_init=rsmb_init,

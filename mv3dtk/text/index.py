@@ -698,10 +698,11 @@ class TextSearcher:
                     "text_id IN (SELECT unnest(?))", [*self.params, ids]).fetchall()}
                 ranked: dict[tuple, float] = {}
                 for score, tid in zip(vals.tolist(), ids):
-                    if len(ranked) < k:
-                        ranked.setdefault(keys[tid], score)
+                    ranked.setdefault(keys[tid], score)  # best first: a text's first score is its best
                 if len(ranked) >= k or m == n:
-                    return _assemble(con, self.where, self.params, [(*key, v) for key, v in ranked.items()])
+                    # ties (one text under two origins) in the SQL path's order: score, sha, origin, scope, region
+                    best = sorted(ranked.items(), key=lambda kv: (-kv[1], *(x or "" for x in kv[0])))[:k]
+                    return _assemble(con, self.where, self.params, [(*key, v) for key, v in best])
                 m = min(n, m * 4)
 
 
@@ -733,7 +734,7 @@ def search(project_root: str | os.PathLike, query: str, *, encoder: str | IndexE
         _check_dim(con, db, enc)
         ranked = con.execute(f"SELECT text_sha, origin, scope, region, max(list_inner_product(embedding, "
                              f"?::FLOAT[])) AS score FROM texts WHERE {where} GROUP BY ALL "
-                             "ORDER BY score DESC, text_sha LIMIT ?", [q, *params, k]).fetchall()
+                             "ORDER BY score DESC, text_sha, origin, scope, region NULLS FIRST LIMIT ?", [q, *params, k]).fetchall()
         return _assemble(con, where, params, ranked)
 
 

@@ -73,7 +73,8 @@ def _launch(sctx, nproc: int, run: str) -> None:
 
 def pretrain(sctx, *, backbone, model_config, text_encoder, losses, mask_pool_layer, batch_size, epochs, max_steps,
              lr, weight_decay, warmup_steps, rsmb_size, rsmb_init, precision, grad_checkpointing, compile_, workers,
-             nproc, checkpoint_every, resume, run_name, seed, freeze_text=False, init_from=None) -> None:
+             nproc, checkpoint_every, resume, run_name, seed, freeze_text=False, init_from=None,
+             global_text="report") -> None:
     from .loop import LOSS_NAMES, TrainConfig
 
     terms = tuple(t.strip() for t in losses.split(",") if t.strip())
@@ -103,7 +104,7 @@ def pretrain(sctx, *, backbone, model_config, text_encoder, losses, mask_pool_la
     train_cfg = TrainConfig(model=cfg, losses=terms, batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr,
                             weight_decay=weight_decay, warmup_steps=warmup_steps, rsmb_size=rsmb_size,
                             precision=precision, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
-                            compile=compile_, freeze_text=freeze_text, rsmb_init=rsmb_init,
+                            compile=compile_, freeze_text=freeze_text, rsmb_init=rsmb_init, global_text=global_text,
                             init_from=str(source) if source else None)
     _train(sctx, run_dir, train_cfg, resume)
 

@@ -24,6 +24,7 @@ from ..runs import DistInfo
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 LOSS_NAMES = ("global", "local", "global-semantic", "local-semantic")
+GLOBAL_TEXTS = ("report", "enriched", "statement", "mixed")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     compile: bool = False
     freeze_text: bool = False
+    global_text: str = "report"
     extra: dict = field(default_factory=dict)
 
     def resume_key(self) -> dict:
@@ -89,6 +91,59 @@ class FrozenTextFeatures:
         return torch.stack([self.cache[t] for t in texts]).to(self.device)  # (N, H)
 
 
+def global_texts(batch: dict, mode: str, seed: int, step: int) -> list[str]:
+    """The text each volume of ``batch`` is aligned with by the global term (B,).
+
+    ``report``: its source report (the paper). ``enriched``: the whole enriched report. ``statement``:
+    one sentence of the enriched report, drawn afresh at every step (CXR-CLIP style), so that the image
+    meets single presence/absence statements, the form zero-shot prompts take. ``mixed``: either, with
+    even odds. Draws depend only on (seed, step, volume), so a resumed or distributed run repeats them."""
+    import random
+
+    from ..text.labeler import split_sentences
+
+    if mode == "report":
+        return list(batch["report"])
+    if mode == "enriched":
+        return list(batch["enriched"])
+    out = []
+    for i, text in zip(batch["index"].tolist(), batch["enriched"]):
+        rng = random.Random(f"{seed}:{step}:{i}")
+        sentences = split_sentences(text)
+        whole = not sentences or (mode == "mixed" and rng.random() < 0.5)
+        out.append(text if whole else rng.choice(sentences))
+    return out
+
+
+MAX_STATEMENTS = 64  # per volume, for the positives of the global term (more are rare and ignored)
+
+
+def text_hash(text: str) -> int:
+    """A stable 64-bit id of a text (the same in every process, unlike ``hash``)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(text.strip().encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def statement_ids(batch: dict, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ids of the global texts (B,) int64, and of what is true of each volume (B, K) int64: its
+    enriched report and each of its sentences, padded with the id of the empty text."""
+    from ..text.labeler import split_sentences
+
+    pad = text_hash("")
+    true = torch.full((len(texts), MAX_STATEMENTS), pad, dtype=torch.long)
+    for i, enriched in enumerate(batch["enriched"]):
+        ids = [text_hash(enriched)] + [text_hash(x) for x in split_sentences(enriched)]
+        ids = ids[:MAX_STATEMENTS]
+        true[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return torch.tensor([text_hash(t) for t in texts], dtype=torch.long), true
+
+
+def positives_from_ids(text_ids: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
+    """text_ids (N,), true_ids (N, K) -> (N, N) bool: global text j is one of volume i's statements."""
+    return (true_ids[:, :, None] == text_ids[None, None, :]).any(1)
+
+
 def _region_inputs(batch: dict, key: str) -> tuple[list[str], torch.Tensor]:
     """Valid region texts of the batch, flattened, and their (sample, region) index (M, 2)."""
     index = batch["region_valid"].nonzero()  # (M, 2)
@@ -108,11 +163,15 @@ class Trainer:
         self.amp = cfg.precision == "bf16" and self.device.type == "cuda"
         torch.manual_seed(cfg.seed)
         self.semantic = any(t.endswith("semantic") for t in cfg.losses)
-        self.data = PretrainDataset(project_root, split="train", enriched=self.semantic)
-        if self.semantic and not self.data.enriched_available:
-            log.warning("rewrite/ has not run (or misses %d texts): the semantic terms use the source texts; run "
-                        "'mv3d rewrite' for the enriched ones", self.data.enriched_missing)
-        elif self.semantic and self.data.enriched_missing:
+        if cfg.global_text not in GLOBAL_TEXTS:
+            raise Mv3dError(f"global_text {cfg.global_text!r}: choose from {', '.join(GLOBAL_TEXTS)}")
+        uses_rewrite = self.semantic or cfg.global_text != "report"
+        self.data = PretrainDataset(project_root, split="train", enriched=uses_rewrite)
+        if uses_rewrite and not self.data.enriched_available:
+            log.warning("rewrite/ has not run (or misses %d texts): the semantic terms and --global-text %s use the "
+                        "source texts; run 'mv3d rewrite' for the enriched ones", self.data.enriched_missing,
+                        cfg.global_text)
+        elif uses_rewrite and self.data.enriched_missing:
             log.warning("%d texts have no rewrite (a partial or stale rewrite/): they use the source text; rerun "
                         "'mv3d rewrite' to cover them", self.data.enriched_missing)
         self.model = MedVista3D(cfg.model).to(self.device)
@@ -213,14 +272,20 @@ class Trainer:
         masks = batch["mask"].to(dev, non_blocking=True)  # (B, D, H, W)
         texts, index = _region_inputs(batch, "region_texts")
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.net(image, masks, self._texts(batch["report"], dev),
+            report = global_texts(batch, self.cfg.global_text, self.cfg.seed, self.step)  # (B,)
+            out = self.net(image, masks, self._texts(report, dev),
                            self._texts(texts, dev) if texts else None, index.to(dev))
+        if self.cfg.global_text in ("statement", "mixed"):
+            out["_text_ids"], out["_true_ids"] = (t.to(dev) for t in statement_ids(batch, report))
         enqueue = None
         if self.semantic:
             sem = self._semantic(batch, out)
             enqueue = self._enriched_for_bank(sem)  # pops the private keys
             out.update(sem)
-        return gather_batch(out), enqueue
+        out = gather_batch(out)
+        if "_text_ids" in out:  # a statement true of several volumes is a positive for each of them
+            out["global_positives"] = positives_from_ids(out.pop("_text_ids"), out.pop("_true_ids"))
+        return out, enqueue
 
     @torch.no_grad()
     def _semantic(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:

@@ -81,14 +81,23 @@ def _scale(logit_scale: Tensor | float, device: torch.device) -> Tensor:
     return s.reshape(()).clamp(max=MAX_LOGIT_SCALE)
 
 
-def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tensor:
-    """Symmetric InfoNCE between paired rows: a (N, E), b (N, E) -> scalar (eqs. 1–2)."""
+def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float, positives: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE between paired rows: a (N, E), b (N, E) -> scalar (eqs. 1–2).
+
+    ``positives`` (N, N) bool, optional: b_j is also a right answer for a_i (the diagonal always is).
+    The target of row i is then uniform over its positives, in both directions (multi-positive
+    InfoNCE, as in UniCL): a text that is true of several volumes of the batch is not their negative."""
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"info_nce needs two (N, E) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     s = _scale(logit_scale, a.device)
     logits = s * (a.float() @ b.float().T)  # (N, N): row i = a_i against every b_j
-    target = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    if positives is None:
+        target = torch.arange(a.shape[0], device=a.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    pos = positives.to(device=a.device, dtype=torch.bool) | torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+    soft = pos.float()  # (N, N)
+    return 0.5 * (F.cross_entropy(logits, soft / soft.sum(1, keepdim=True))
+                  + F.cross_entropy(logits.T, soft.T / soft.T.sum(1, keepdim=True)))
 
 
 def grouped_info_nce(a: Tensor, b: Tensor, valid: Tensor, logit_scale: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -128,9 +137,10 @@ def _mean_over_groups(loss: Tensor, count: Tensor, min_count: int = 2) -> Tensor
     return (loss * w).sum() / w.sum().clamp(min=1.0)
 
 
-def global_loss(image_global: Tensor, text_global: Tensor, logit_scale: Tensor | float) -> Tensor:
-    """L_global (eqs. 1–2): image_global, text_global (B, E) -> scalar."""
-    return info_nce(image_global, text_global, logit_scale)
+def global_loss(image_global: Tensor, text_global: Tensor, logit_scale: Tensor | float,
+                positives: Tensor | None = None) -> Tensor:
+    """L_global (eqs. 1–2): image_global, text_global (B, E), optional positives (B, B) bool -> scalar."""
+    return info_nce(image_global, text_global, logit_scale, positives)
 
 
 def local_loss(img_local: Tensor, txt_local: Tensor, valid: Tensor, logit_scale: Tensor | float) -> Tensor:
@@ -165,7 +175,8 @@ class MedVista3DLoss(nn.Module):
 
     ``forward(out)`` reads ``out``: "image_global" (B, E), "image_local" (B, R, E), "region_present"
     (B, R) bool, "text_global" (B, E), "text_local" (B, R, E), "text_local_valid" (B, R) bool,
-    "logit_scale" (scalar, already exp(τ)), and for the semantic terms "enriched_global_nn" (B, E),
+    "logit_scale" (scalar, already exp(τ)), optionally "global_positives" (B, B) bool (see
+    :func:`info_nce`), and for the semantic terms "enriched_global_nn" (B, E),
     "enriched_global_found" (B,) bool, "enriched_local_nn" (B, R, E), "enriched_local_found" (B, R)
     bool. Returns {"loss": total, and one entry per active term among "global", "local",
     "global_semantic", "local_semantic"} (tensors with graph; detaching for logs is the caller's).
@@ -203,7 +214,7 @@ class MedVista3DLoss(nn.Module):
         terms: dict[str, Tensor] = {}
         if self.use["global"]:
             self._need(out, "global", ("image_global", "text_global"))
-            terms["global"] = global_loss(out["image_global"], out["text_global"], s)
+            terms["global"] = global_loss(out["image_global"], out["text_global"], s, out.get("global_positives"))
         if self.use["local"] or self.use["local_semantic"]:
             self._need(out, "local", ("image_local", "region_present", "text_local_valid"))
             local_valid = out["region_present"].bool() & out["text_local_valid"].bool()  # (B, R)
