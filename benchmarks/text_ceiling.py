@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("project", type=Path)
     ap.add_argument("--text-encoder", default="minilm")
     ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--max-length", type=int, default=128, help="text tokens kept (vit-tiny's: 128)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
 
@@ -46,7 +47,7 @@ def main() -> None:
     train = torch.tensor((vols["split"] == "train").to_numpy())
     valid = ~train
     path, opts = resolve_text_model(a.text_encoder)
-    tower = TextEncoder(path, **{**opts, "max_length": 256}).eval()
+    tower = TextEncoder(path, **{**opts, "max_length": a.max_length}).eval()
     cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()

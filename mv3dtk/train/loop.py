@@ -55,6 +55,8 @@ class TrainConfig:
         d = asdict(self)
         for k in ("max_steps", "workers", "checkpoint_every", "compile", "extra"):
             d.pop(k)
+        if d["global_text"] == "report":  # the default: runs begun before the option existed still resume
+            d.pop("global_text")
         return d
 
 
@@ -140,8 +142,9 @@ def statement_ids(batch: dict, texts: list[str]) -> tuple[torch.Tensor, torch.Te
 
 
 def positives_from_ids(text_ids: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
-    """text_ids (N,), true_ids (N, K) -> (N, N) bool: global text j is one of volume i's statements."""
-    return (true_ids[:, :, None] == text_ids[None, None, :]).any(1)
+    """text_ids (N,), true_ids (N, K) -> (N, N) bool: global text j is one of volume i's statements.
+    An empty text (the padding's id) is nobody's positive but its own (the loss adds the diagonal)."""
+    return (true_ids[:, :, None] == text_ids[None, None, :]).any(1) & (text_ids != text_hash(""))[None, :]
 
 
 def _region_inputs(batch: dict, key: str) -> tuple[list[str], torch.Tensor]:
@@ -202,6 +205,9 @@ class Trainer:
         if resume:
             self._resume()
         self.net = self.model
+        if dist.world_size > 1 and self.device.type == "cuda":  # a conv stem's BatchNorm sees the global batch
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.net = self.model
         if dist.world_size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
