@@ -7,33 +7,19 @@ valid split is printed side by side. Zero-shot (which also needs the text side) 
 
 A variant is NAME=CONFIG[;key=json;...] with dotted keys into the model config, for example
 ``linear-max=vit-tiny;image.stem=null;pool="max"`` (the linear patch projection with max pooling).
-Without ``--project`` a 240 + 60 scan synthetic project is built on the demo grid (about 20 s).
+Without ``--project`` a 240 + 60 scan synthetic project is built on the demo grid (about 20 s), as
+benchmarks/learnability.py builds it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-EXE = str(Path(sys.executable).with_name("mv3d"))
-GRID = ["--spacing", "6", "1.5", "1.5"]
+from learnability import build_project  # the same synthetic project (benchmarks/ is on sys.path)
 DEFAULT_VARIANTS = ['linear-max=vit-tiny;image.stem=null;pool="max"', "stem-meanmax=vit-tiny", "unimiss=unimiss-tiny"]
-
-
-def build_project(out: Path, scans: int, valid: int, seed: int) -> Path:
-    import shutil
-
-    shutil.rmtree(out, ignore_errors=True)
-    run = lambda *a: subprocess.run([EXE, *a], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: E731
-    run("synth", str(out / "data"), "--n-train", str(scans), "--n-valid", str(valid), "--shape", "32", "64", "64",
-        *GRID, "--seed", str(seed))
-    run("init", str(out / "project"))
-    run("-P", str(out / "project"), "prep", str(out / "data"), *GRID, "--size", "32", "64", "64", "--workers", "2")
-    return out / "project"
 
 
 def load_split(project: Path, split: str):

@@ -27,6 +27,18 @@ def mv3d(*args: str) -> None:
     subprocess.run([EXE, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def build_project(out: Path, scans: int, valid: int, seed: int) -> Path:
+    """synth (demo grid) -> init -> prep -> rewrite (rules) under ``out``; -> the project root."""
+    shutil.rmtree(out, ignore_errors=True)
+    data, proj = out / "data", out / "project"
+    mv3d("synth", str(data), "--n-train", str(scans), "--n-valid", str(valid), "--shape", "32", "64", "64", *GRID,
+         "--seed", str(seed))
+    mv3d("init", str(proj))
+    mv3d("-P", str(proj), "prep", str(data), *GRID, "--size", "32", "64", "64", "--workers", "2")
+    mv3d("-P", str(proj), "rewrite", "--backend", "rules")
+    return proj
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scans", type=int, default=240, help="training scans (reconstructions make ~4/3 volumes each)")
@@ -42,14 +54,8 @@ def main() -> None:
     from mv3dtk import load_model
     from mv3dtk.eval.zeroshot import zero_shot
 
-    shutil.rmtree(a.out, ignore_errors=True)
-    data, proj = a.out / "data", a.out / "project"
     t0 = time.perf_counter()
-    mv3d("synth", str(data), "--n-train", str(a.scans), "--n-valid", str(a.valid), "--shape", "32", "64", "64",
-         *GRID, "--seed", str(a.seed))
-    mv3d("init", str(proj))
-    mv3d("-P", str(proj), "prep", str(data), *GRID, "--size", "32", "64", "64", "--workers", "2")
-    mv3d("-P", str(proj), "rewrite", "--backend", "rules")
+    proj = build_project(a.out, a.scans, a.valid, a.seed)
     print(f"data: {a.scans} + {a.valid} scans, synth + prep + rewrite {time.perf_counter() - t0:.0f} s")
 
     common = ["--backbone", "vit", "--model-config", "vit-tiny", "--freeze-text", "--global-text", a.global_text,

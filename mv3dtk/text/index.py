@@ -734,7 +734,8 @@ def search(project_root: str | os.PathLike, query: str, *, encoder: str | IndexE
         _check_dim(con, db, enc)
         ranked = con.execute(f"SELECT text_sha, origin, scope, region, max(list_inner_product(embedding, "
                              f"?::FLOAT[])) AS score FROM texts WHERE {where} GROUP BY ALL "
-                             "ORDER BY score DESC, text_sha, origin, scope, region NULLS FIRST LIMIT ?", [q, *params, k]).fetchall()
+                             "ORDER BY score DESC, text_sha, origin, scope, region NULLS FIRST LIMIT ?",
+                             [q, *params, k]).fetchall()
         return _assemble(con, where, params, ranked)
 
 

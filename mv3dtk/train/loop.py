@@ -127,13 +127,15 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.strip().encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
+EMPTY_ID = text_hash("")  # pads the statement ids; never a positive
+
+
 def statement_ids(batch: dict, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ids of the global texts (B,) int64, and of what is true of each volume (B, K) int64: its
     enriched report and each of its sentences, padded with the id of the empty text."""
     from ..text.labeler import split_sentences
 
-    pad = text_hash("")
-    true = torch.full((len(texts), MAX_STATEMENTS), pad, dtype=torch.long)
+    true = torch.full((len(batch["enriched"]), MAX_STATEMENTS), EMPTY_ID, dtype=torch.long)
     for i, enriched in enumerate(batch["enriched"]):
         ids = [text_hash(enriched)] + [text_hash(x) for x in split_sentences(enriched)]
         ids = ids[:MAX_STATEMENTS]
@@ -144,7 +146,7 @@ def statement_ids(batch: dict, texts: list[str]) -> tuple[torch.Tensor, torch.Te
 def positives_from_ids(text_ids: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
     """text_ids (N,), true_ids (N, K) -> (N, N) bool: global text j is one of volume i's statements.
     An empty text (the padding's id) is nobody's positive but its own (the loss adds the diagonal)."""
-    return (true_ids[:, :, None] == text_ids[None, None, :]).any(1) & (text_ids != text_hash(""))[None, :]
+    return (true_ids[:, :, None] == text_ids[None, None, :]).any(1) & (text_ids != EMPTY_ID)[None, :]
 
 
 def _region_inputs(batch: dict, key: str) -> tuple[list[str], torch.Tensor]:
@@ -204,10 +206,9 @@ class Trainer:
         self.step, self.epoch, self.batch = 0, 0, 0
         if resume:
             self._resume()
-        self.net = self.model
         if dist.world_size > 1 and self.device.type == "cuda":  # a conv stem's BatchNorm sees the global batch
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            self.net = self.model
+        self.net = self.model
         if dist.world_size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
