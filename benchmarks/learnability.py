@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--valid", type=int, default=60, help="validation scans")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--global-text", default="mixed", help="pretrain --global-text (the demo's: mixed)")
+    ap.add_argument("--global-text", default="statements", help="pretrain --global-text (the demo's: statements)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mv3d-learn"))
     a = ap.parse_args()
 

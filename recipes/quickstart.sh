@@ -13,7 +13,7 @@ RUN=quickstart
 # Synthetic scans are drawn directly on the demo grid (6 x 1.5 x 1.5 mm, 32 x 64 x 64 voxels).
 SYNTH=(--n-train 240 --n-valid 60 --shape 32 64 64 --spacing 6 1.5 1.5 --seed 0)
 PREP=(--spacing 6 1.5 1.5 --size 32 64 64 --workers 2)
-PRETRAIN=(--backbone vit --model-config vit-tiny --freeze-text --global-text mixed --batch-size 16 --epochs 10 --warmup-steps 20 \
+PRETRAIN=(--backbone vit --model-config vit-tiny --freeze-text --global-text statements --batch-size 16 --epochs 10 --warmup-steps 20 \
           --lr 1e-3 --workers 1)
 MODEL="pretrain/$RUN/model"
 RESUME=()

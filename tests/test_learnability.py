@@ -2,8 +2,8 @@
 pretrain (vit-tiny, CPU, a few minutes) -> zero-shot with the CT-CLIP protocol. Untrained, every AUC
 sits at 0.5 +- noise; the thresholds below are what a working chain clears with a margin (the
 figures come from benchmarks/learnability.py on the same seed). The issue's target, a mean global
-AUC of 0.80, is not reached yet: see the README's "Learnability" paragraph for why. A broken loss, a text/image misalignment in
-the loader, a wrong mask bit or a prompt/label mix-up all bring them back to chance."""
+AUC of 0.80, is not reached yet: see the README's "Learnability" paragraph for why. A broken loss, a
+text/image misalignment in the loader, a wrong mask bit or a prompt/label mix-up all bring them back to chance."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def test_tiny_pretraining_on_synthetic_data_beats_chance_in_zero_shot(tmp_path):
     run_mv3d("-P", str(proj), "prep", str(data), *GRID, *SIZE, "--workers", "2", timeout=600)
     run_mv3d("-P", str(proj), "rewrite", "--backend", "rules", timeout=600)
     run_mv3d("-P", str(proj), "pretrain", "--backbone", "vit", "--model-config", "vit-tiny", "--freeze-text",
-             "--global-text", "mixed", "--batch-size", "16", "--epochs", "10", "--warmup-steps", "20", "--lr", "1e-3", "--workers", "1",
-             "--run", "learn", timeout=1200)
+             "--global-text", "statements", "--batch-size", "16", "--epochs", "10", "--warmup-steps", "20",
+             "--lr", "1e-3", "--workers", "1", "--run", "learn", timeout=1200)
     rows = [json.loads(x) for x in (proj / "pretrain" / "learn" / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     assert last["global"] < first["global"] - 0.3  # the contrastive loss really goes down
@@ -42,11 +42,12 @@ def test_tiny_pretraining_on_synthetic_data_beats_chance_in_zero_shot(tmp_path):
     glob = zero_shot(model, proj, mode="global")
     loc = zero_shot(model, proj, mode="local")
     assert glob["n_volumes"] == 80 and glob["macro"]["n_classes"] >= 15
-    # measured on this seed: global 0.595, local 0.669 (benchmarks/learnability.py --epochs 10)
-    assert glob["macro"]["auroc"] >= 0.55, glob["per_class"]
-    assert loc["macro"]["auroc"] >= 0.60, loc["per_class"]
-    # large, high-contrast findings are learnt clearly (measured: 0.87, 0.81 / 1.0, 0.99, 0.98)
-    easy = [glob["per_class"][k]["auroc"] for k in ("Arterial wall calcification", "Atelectasis")]
-    assert min(easy) >= 0.70, easy
+    # measured on this seed: global 0.640, local 0.698 (benchmarks/learnability.py --epochs 10)
+    assert glob["macro"]["auroc"] >= 0.59, glob["per_class"]
+    assert loc["macro"]["auroc"] >= 0.64, loc["per_class"]
+    # large, high-contrast findings are learnt clearly (measured: 0.91, 0.92, 0.91, 0.91 / 1.0, 1.0, 0.99)
+    easy = [glob["per_class"][k]["auroc"] for k in ("Arterial wall calcification", "Atelectasis",
+                                                     "Pericardial effusion", "Coronary artery wall calcification")]
+    assert min(easy) >= 0.75, easy
     organ = [loc["per_class"][k]["auroc"] for k in ("Hiatal hernia", "Pericardial effusion", "Arterial wall calcification")]
     assert min(organ) >= 0.85, organ

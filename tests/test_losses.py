@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mv3dtk.train.losses import (MAX_LOGIT_SCALE, MedVista3DLoss, global_loss, info_nce, local_loss,
+from mv3dtk.train.losses import (MAX_LOGIT_SCALE, MedVista3DLoss, global_loss, info_nce, local_loss, set_nce,
                                  semantic_global, semantic_local)
 from mv3dtk.train.rsmb import SemanticBank
 
@@ -323,3 +323,20 @@ def test_multi_positive_info_nce_spreads_the_target_over_the_positives():
     # no extra positive (or only the diagonal) is the plain InfoNCE
     torch.testing.assert_close(info_nce(a, b, s, torch.eye(4, dtype=torch.bool)), info_nce(a, b, s))
     torch.testing.assert_close(info_nce(a, b, s, torch.zeros(4, 4, dtype=torch.bool)), info_nce(a, b, s))
+
+
+def test_set_nce_aligns_each_row_with_all_of_its_positives():
+    torch.manual_seed(4)
+    a, b = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    s = 7.0
+    pos = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)  # row 2, column 3/4: none
+    logits = s * a @ b.T
+    lsm, lsm_t = logits.log_softmax(1), logits.T.log_softmax(1)
+    rows = [-(lsm[0, 0] + lsm[0, 2]) / 2, -(lsm[1, 1] + lsm[1, 2]) / 2]  # volume -> its statements
+    cols = [-lsm_t[0, 0], -lsm_t[1, 1], -(lsm_t[2, 0] + lsm_t[2, 1]) / 2]  # statement -> the volumes it is true of
+    want = 0.5 * (torch.stack(rows).mean() + torch.stack(cols).mean())
+    torch.testing.assert_close(set_nce(a, b, pos, s), want)
+    # a square set with the diagonal as its only positives is the plain InfoNCE
+    torch.testing.assert_close(set_nce(a, b[:3], torch.eye(3, dtype=torch.bool), s), info_nce(a, b[:3], s))
+    with pytest.raises(ValueError, match="positives"):
+        set_nce(a, b, pos[:, :4], s)

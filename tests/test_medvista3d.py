@@ -96,7 +96,7 @@ def test_gradients_reach_both_towers_and_the_temperature(model):
     MedVista3DLoss(use_global_semantic=False, use_local_semantic=False)(out)["loss"].backward()
     first = next(model.image.patch_embed.parameters())  # the first conv of the stem
     assert first.grad.abs().sum() > 0
-    assert model.text_proj.weight.grad.abs().sum() > 0 and model.logit_scale.grad is not None
+    assert all(p.grad.abs().sum() > 0 for p in model.text_proj.parameters()) and model.logit_scale.grad is not None
     emb = model.text.model.get_input_embeddings().weight
     assert emb.grad is not None and emb.grad.abs().sum() > 0
 
@@ -132,3 +132,18 @@ def test_batchnorm_statistics_of_the_conv_stem_survive_save_and_load(model, tmp_
     again = load_model(model.save(tmp_path / "m")).eval()
     with torch.no_grad():
         torch.testing.assert_close(again.encode_image(x)["global"], ref)
+
+
+def test_the_mlp_text_projection_is_saved_loaded_and_validated(model, tiny_text, tmp_path):
+    assert model.config["text_proj"] == "mlp" and isinstance(model.text_proj, torch.nn.Sequential)
+    with torch.no_grad():
+        model.text_proj[0].bias.add_(0.5)  # away from its initial values
+        ref = model.encode_text(TEXTS[:3])
+    again = load_model(model.save(tmp_path / "m")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_text(TEXTS[:3]), ref)
+    assert again.text_identity == model.text_identity
+    linear = MedVista3D({**model.config, "text_proj": "linear"})
+    assert isinstance(linear.text_proj, torch.nn.Linear) and linear.text_identity != model.text_identity
+    with pytest.raises(ConfigError, match="'text_proj'.*linear, mlp"):
+        MedVista3D({**model.config, "text_proj": "deep"})

@@ -126,9 +126,12 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_loss_sequence(project)
 @pytest.mark.slow
 def test_two_processes_with_nproc(project):
     p, bert = project
-    _pretrain(p, bert, "--max-steps", "2", "--nproc", "2", "--run", "ddp", "--batch-size", "4")
+    # --global-text statements: each rank pads its statements to a fixed count for the gather
+    _pretrain(p, bert, "--max-steps", "2", "--nproc", "2", "--run", "ddp", "--batch-size", "4",
+              "--global-text", "statements")
     cfg = json.loads((p.root / "pretrain" / "ddp" / "config.json").read_text())
-    assert cfg["world_size"] == 2 and len(_losses(p.root / "pretrain" / "ddp")) == 2
+    rows = _losses(p.root / "pretrain" / "ddp")
+    assert cfg["world_size"] == 2 and len(rows) == 2 and all(math.isfinite(r["global"]) for r in rows)
     runs = sorted(p.runs_dir.glob("*-pretrain/run.json"))
     assert json.loads(runs[-1].read_text())["status"] == "done"
     assert load_model(p.root / "pretrain" / "ddp" / "model").config["image"]["backbone"] == "vit"
@@ -180,3 +183,22 @@ def test_pretrain_with_statements_as_the_global_text(project):
     assert len(rows) == 2 and all(math.isfinite(r["global"]) for r in rows)
     cfg = json.loads((p.root / "pretrain" / "mix" / "config.json").read_text())
     assert cfg["train"]["global_text"] == "mixed"  # part of what a resume must match
+
+
+def test_statements_of_the_batch_are_distinct_and_know_which_volumes_they_describe():
+    from mv3dtk.train.loop import MAX_STATEMENTS, distinct_statements, global_texts, pad_ids, statement_ids
+
+    batch = {"index": torch.tensor([0, 1]), "report": ["r0", "r1"],
+             "enriched": ["Emphysema is present. Atelectasis is not present.",
+                          "Emphysema is not present. Atelectasis is not present."]}
+    texts = global_texts(batch, "statements", 0, 3)
+    assert texts == ["Emphysema is present.", "Atelectasis is not present.", "Emphysema is not present."]
+    ids, true = statement_ids(batch, texts)
+    # two ranks, each padded to B * MAX_STATEMENTS: rank 1 repeats rank 0's batch (a statement seen twice)
+    emb = torch.arange(3.0)[:, None].repeat(1, 4)  # (3, E): row k is statement k
+    pad = 2 * MAX_STATEMENTS - 3
+    emb_all = torch.cat([torch.nn.functional.pad(emb, (0, 0, 0, pad))] * 2)
+    ids_all = torch.cat([pad_ids(ids, pad)] * 2)
+    text, pos = distinct_statements(emb_all, ids_all, torch.cat([true, true]))
+    assert text[:, 0].tolist() == [0.0, 1.0, 2.0]  # each statement once, padding dropped
+    assert pos.tolist() == [[True, True, False], [False, True, True]] * 2

@@ -23,6 +23,20 @@ FORMAT_VERSION = 1
 MAX_LOGIT_SCALE = 100.0
 
 
+TEXT_PROJ = ("linear", "mlp")
+
+
+def text_projection(hidden: int, dim: int, kind: str) -> nn.Module:
+    """Text-tower features (N, hidden) -> (N, dim). ``linear``: the paper's. ``mlp``: Linear-GELU-Linear
+    with a 4*dim hidden layer; with a frozen text tower a linear map cannot separate "X is present."
+    from "X is not present." well (benchmarks/text_ceiling.py), a small MLP can."""
+    if kind == "linear":
+        return nn.Linear(hidden, dim, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(hidden, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+    raise ConfigError(f"model config 'text_proj': {kind!r} is not one of {', '.join(TEXT_PROJ)}")
+
+
 class MedVista3D(nn.Module):
     def __init__(self, config: dict | str, *, text_dir: str | Path | None = None):
         super().__init__()
@@ -43,7 +57,7 @@ class MedVista3D(nn.Module):
             self.text = TextEncoder(path, **{**opts, **tcfg})
         dim = int(cfg["embed_dim"])
         self.image_proj = nn.Linear(self.image.embed_dim * pool_width(self.pool), dim, bias=False)
-        self.text_proj = nn.Linear(self.text.hidden_size, dim, bias=False)
+        self.text_proj = text_projection(self.text.hidden_size, dim, str(cfg.get("text_proj", "linear")))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / float(cfg.get("init_temperature", 0.07)))))
 
     def scale(self) -> torch.Tensor:

@@ -21,10 +21,11 @@ PAPER_BATCH = {"vit": 32, "unimiss": 20}
 @click.option("--freeze-text", is_flag=True,
               help="Keep the text tower as loaded and train only its projection (its features are computed once "
                    "per distinct text: several times faster on CPU and for small datasets).")
-@click.option("--global-text", type=click.Choice(["report", "enriched", "statement", "mixed"]), default="report",
-              show_default=True,
+@click.option("--global-text", type=click.Choice(["report", "enriched", "statement", "mixed", "statements"]),
+              default="report", show_default=True,
               help="What the global term aligns each volume with: its report (the paper), the whole enriched report, "
-                   "one enriched statement drawn at every step (the form zero-shot prompts take), or either (mixed).")
+                   "one enriched statement drawn at every step (the form zero-shot prompts take), either (mixed), or "
+                   "all of its statements at once against every statement of the batch (statements).")
 @click.option("--losses", default="global,local,global-semantic,local-semantic", show_default=True,
               help="Loss terms to use (the paper's Table 4 ablation).")
 @click.option("--mask-pool-layer", type=int, help="First block of the local pathway (default: the config's, -1).")

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import Mv3dError
 from ..runs import DistInfo
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 LOSS_NAMES = ("global", "local", "global-semantic", "local-semantic")
-GLOBAL_TEXTS = ("report", "enriched", "statement", "mixed")
+GLOBAL_TEXTS = ("report", "enriched", "statement", "mixed", "statements")
 
 
 @dataclass
@@ -104,6 +105,8 @@ def global_texts(batch: dict, mode: str, seed: int, step: int) -> list[str]:
 
     from ..text.labeler import split_sentences
 
+    if mode == "statements":
+        return batch_statements(batch)
     if mode == "report":
         return list(batch["report"])
     if mode == "enriched":
@@ -115,6 +118,38 @@ def global_texts(batch: dict, mode: str, seed: int, step: int) -> list[str]:
         whole = not sentences or (mode == "mixed" and rng.random() < 0.5)
         out.append(text if whole else rng.choice(sentences))
     return out
+
+
+def batch_statements(batch: dict) -> list[str]:
+    """``--global-text statements``: every distinct sentence of the batch's enriched reports, in order
+    of first appearance (T <= B * MAX_STATEMENTS). The global term then aligns each volume with all of
+    its own statements at once (:func:`mv3dtk.train.losses.set_nce`), a dense signal per step."""
+    from ..text.labeler import split_sentences
+
+    return list(dict.fromkeys(x for text in batch["enriched"] for x in split_sentences(text)[:MAX_STATEMENTS]))
+
+
+def first_of_each(ids: torch.Tensor) -> torch.Tensor:
+    """ids (T,) int64 -> (T,) bool: the first occurrence of each id that is not the padding's."""
+    _, inverse = torch.unique(ids, return_inverse=True)
+    pos = torch.arange(len(ids), device=ids.device)
+    first = torch.full((int(inverse.max()) + 1 if len(ids) else 0,), len(ids), device=ids.device)
+    first = first.scatter_reduce(0, inverse, pos, reduce="amin")
+    return (first[inverse] == pos) & (ids != EMPTY_ID)
+
+
+def pad_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """ids (T,) int64 -> (T + n,) padded with EMPTY_ID (exactly: F.pad's value is a float, which
+    would round a 64-bit id)."""
+    return torch.cat([ids, torch.full((n,), EMPTY_ID, dtype=ids.dtype, device=ids.device)])
+
+
+def distinct_statements(text: torch.Tensor, ids: torch.Tensor, true_ids: torch.Tensor):
+    """Gathered statement embeddings text (N, E) with their ids (N,) (padding and repeats across ranks
+    included), and what is true of each volume true_ids (B, K) -> the distinct statements (T, E) and
+    positives (B, T) bool: statement t is one of volume b's."""
+    keep = first_of_each(ids)
+    return text[keep], positives_from_ids(ids[keep], true_ids)
 
 
 MAX_STATEMENTS = 64  # per volume, for the positives of the global term (more are rare and ignored)
@@ -282,16 +317,24 @@ class Trainer:
             report = global_texts(batch, self.cfg.global_text, self.cfg.seed, self.step)  # (B,)
             out = self.net(image, masks, self._texts(report, dev),
                            self._texts(texts, dev) if texts else None, index.to(dev))
-        if self.cfg.global_text in ("statement", "mixed"):
+        if self.cfg.global_text in ("statement", "mixed", "statements"):
             out["_text_ids"], out["_true_ids"] = (t.to(dev) for t in statement_ids(batch, report))
+        if self.cfg.global_text == "statements":  # (T, E) -> a fixed (B * MAX_STATEMENTS, E) that ranks can gather
+            pad = len(batch["enriched"]) * MAX_STATEMENTS - len(report)
+            out["text_global"] = F.pad(out["text_global"], (0, 0, 0, pad))
+            out["_text_ids"] = pad_ids(out["_text_ids"], pad)
         enqueue = None
         if self.semantic:
             sem = self._semantic(batch, out)
             enqueue = self._enriched_for_bank(sem)  # pops the private keys
             out.update(sem)
         out = gather_batch(out)
-        if "_text_ids" in out:  # a statement true of several volumes is a positive for each of them
-            out["global_positives"] = positives_from_ids(out.pop("_text_ids"), out.pop("_true_ids"))
+        if self.cfg.global_text == "statements":  # each distinct statement of the global batch once
+            out["text_global"], out["global_positives"] = distinct_statements(
+                out["text_global"], out.pop("_text_ids"), out.pop("_true_ids"))
+        elif "_text_ids" in out:  # a statement true of several volumes is a positive for each of them
+            pos = positives_from_ids(out.pop("_text_ids"), out.pop("_true_ids"))  # (B, B)
+            out["global_positives"] = pos | torch.eye(len(pos), dtype=torch.bool, device=pos.device)
         return out, enqueue
 
     @torch.no_grad()

@@ -69,7 +69,7 @@ from torch import Tensor, nn
 MAX_LOGIT_SCALE = 100.0
 
 __all__ = [
-    "MAX_LOGIT_SCALE", "info_nce", "grouped_info_nce", "global_loss", "local_loss", "semantic_global",
+    "MAX_LOGIT_SCALE", "info_nce", "set_nce", "grouped_info_nce", "global_loss", "local_loss", "semantic_global",
     "semantic_local", "MedVista3DLoss",
 ]
 
@@ -89,15 +89,34 @@ def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float, positives: Tenso
     InfoNCE, as in UniCL): a text that is true of several volumes of the batch is not their negative."""
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"info_nce needs two (N, E) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    s = _scale(logit_scale, a.device)
-    logits = s * (a.float() @ b.float().T)  # (N, N): row i = a_i against every b_j
     if positives is None:
+        s = _scale(logit_scale, a.device)
+        logits = s * (a.float() @ b.float().T)  # (N, N): row i = a_i against every b_j
         target = torch.arange(a.shape[0], device=a.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    pos = positives.to(device=a.device, dtype=torch.bool) | torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
-    soft = pos.float()  # (N, N)
-    return 0.5 * (F.cross_entropy(logits, soft / soft.sum(1, keepdim=True))
-                  + F.cross_entropy(logits.T, soft.T / soft.T.sum(1, keepdim=True)))
+    eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+    return set_nce(a, b, positives.to(device=a.device, dtype=torch.bool) | eye, logit_scale)
+
+
+def set_nce(a: Tensor, b: Tensor, positives: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """Symmetric multi-positive InfoNCE between two sets: a (N, E), b (T, E), positives (N, T) bool
+    -> scalar. Row i's target is uniform over { j : positives[i, j] }, column j's over
+    { i : positives[i, j] }; rows and columns without any positive are left out of their mean.
+    With every statement of the batch as b, this aligns each volume with all that is true of it."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or positives.shape != (a.shape[0], b.shape[0]):
+        raise ValueError(f"set_nce needs a (N, E), b (T, E) and positives (N, T), got {tuple(a.shape)}, "
+                         f"{tuple(b.shape)} and {tuple(positives.shape)}")
+    s = _scale(logit_scale, a.device)
+    logits = s * (a.float() @ b.float().T)  # (N, T)
+    pos = positives.to(device=a.device, dtype=torch.float32)
+
+    def one_way(z: Tensor, p: Tensor) -> Tensor:  # rows of z against soft targets p, mean over rows with a positive
+        n = p.sum(1)
+        has = n > 0
+        ce = -(p / n.clamp(min=1)[:, None] * z.log_softmax(1)).sum(1)  # (rows,)
+        return (ce * has).sum() / has.sum().clamp(min=1)
+
+    return 0.5 * (one_way(logits, pos) + one_way(logits.T, pos.T))
 
 
 def grouped_info_nce(a: Tensor, b: Tensor, valid: Tensor, logit_scale: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -139,8 +158,12 @@ def _mean_over_groups(loss: Tensor, count: Tensor, min_count: int = 2) -> Tensor
 
 def global_loss(image_global: Tensor, text_global: Tensor, logit_scale: Tensor | float,
                 positives: Tensor | None = None) -> Tensor:
-    """L_global (eqs. 1–2): image_global, text_global (B, E), optional positives (B, B) bool -> scalar."""
-    return info_nce(image_global, text_global, logit_scale, positives)
+    """L_global (eqs. 1–2): image_global (B, E), text_global (B, E) paired rows -> scalar. With
+    ``positives`` (B, T) bool, text_global is any set of T texts and positives says exactly which are
+    true of which volume (:func:`set_nce`; the training loop builds it from statement identities)."""
+    if positives is None:
+        return info_nce(image_global, text_global, logit_scale)
+    return set_nce(image_global, text_global, positives, logit_scale)
 
 
 def local_loss(img_local: Tensor, txt_local: Tensor, valid: Tensor, logit_scale: Tensor | float) -> Tensor:
@@ -174,9 +197,9 @@ class MedVista3DLoss(nn.Module):
     """Eq. 16 with each term switchable (Table 4).
 
     ``forward(out)`` reads ``out``: "image_global" (B, E), "image_local" (B, R, E), "region_present"
-    (B, R) bool, "text_global" (B, E), "text_local" (B, R, E), "text_local_valid" (B, R) bool,
-    "logit_scale" (scalar, already exp(τ)), optionally "global_positives" (B, B) bool (see
-    :func:`info_nce`), and for the semantic terms "enriched_global_nn" (B, E),
+    (B, R) bool, "text_global" (B, E) or (T, E), "text_local" (B, R, E), "text_local_valid" (B, R) bool,
+    "logit_scale" (scalar, already exp(τ)), optionally "global_positives" (B, T) bool (see
+    :func:`global_loss`), and for the semantic terms "enriched_global_nn" (B, E),
     "enriched_global_found" (B,) bool, "enriched_local_nn" (B, R, E), "enriched_local_found" (B, R)
     bool. Returns {"loss": total, and one entry per active term among "global", "local",
     "global_semantic", "local_semantic"} (tensors with graph; detaching for logs is the caller's).
