@@ -90,6 +90,33 @@ def training_step(model: nn.Module, part: dict[str, torch.Tensor], bank_g: Seman
     return res
 
 
+VOCAB = ["Emphysema is present.", "Emphysema is not present.", "Atelectasis is present.", "Atelectasis is not present.",
+         "Cardiomegaly is present.", "Cardiomegaly is not present."]
+STATEMENTS = [[0, 3], [1, 3], [4], [0, 2], [1, 5], [1, 3], [2, 5], [0]]  # (B,): rank 1 repeats rank 0's texts
+
+
+def statements_step(tower: nn.Module, x_g: torch.Tensor, rank: int, b: int) -> dict[str, torch.Tensor]:
+    """The global term of ``--global-text statements`` on this rank's b volumes, as the training loop
+    runs it: distinct statements per rank, padded for the gather, made distinct again after it."""
+    from mv3dtk.train.loop import MAX_STATEMENTS, batch_statements, distinct_statements, pad_ids, statement_ids
+    from mv3dtk.train.losses import global_loss
+
+    x = x_g.clone().requires_grad_(True)
+    batch = {"enriched": [" ".join(VOCAB[k] for k in STATEMENTS[rank * b + i]) for i in range(b)]}
+    texts = batch_statements(batch)
+    table = torch.randn(len(VOCAB), E, generator=torch.Generator().manual_seed(7))  # a fixed embedding per text
+    text = F.normalize(table[[VOCAB.index(t) for t in texts]] + tower.proj.bias, dim=-1)  # (T, E), through a param
+    ids, true = statement_ids(batch, texts)
+    pad = b * MAX_STATEMENTS - len(texts)
+    text, pos = distinct_statements(gather_with_grad(F.pad(text, (0, 0, 0, pad))), gather_nograd(pad_ids(ids, pad)),
+                                    gather_nograd(true))
+    img = gather_with_grad(F.normalize(tower.proj(x), dim=-1))  # (B, E)
+    loss = global_loss(img, text, tower.log_scale.exp(), pos)
+    loss.backward()
+    grads = {f"st_param_{k}": all_reduce_mean(p.grad) for k, p in tower.named_parameters()}  # what DDP does
+    return {"st_loss": loss.detach(), "st_grad_x_g": x.grad, "st_texts": torch.tensor(len(text)), **grads}
+
+
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     info = init_distributed()
@@ -102,6 +129,8 @@ def main(out_dir: str) -> None:
     part = {k: v[info.rank * b:(info.rank + 1) * b] for k, v in batch.items()}
     res = training_step(model, part, SemanticBank(BANK, E), SemanticBank(BANK, E))
     res = {k.replace("param_module.", "param_"): v for k, v in res.items()}
+    tower.zero_grad()
+    res.update(statements_step(tower, part["x_g"], info.rank, b))
     res["is_main"] = torch.tensor(is_main())
     res["rank"] = torch.tensor(info.rank)
     res["mean_of_ranks"] = all_reduce_mean(torch.tensor(float(info.rank)))

@@ -64,6 +64,22 @@ def test_ddp_parameter_gradients_are_exact(ranks, reference):
             torch.testing.assert_close(res[k], reference[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+def test_statements_global_term_is_the_single_process_one(ranks):
+    """--global-text statements: per-rank statements padded for the gather, repeats across ranks
+    dropped after it; loss, image-side and parameter gradients equal the whole batch in one process."""
+    torch.manual_seed(0)
+    tower = W.Tower()
+    ref = W.statements_step(tower, W.make_batch()["x_g"], 0, W.B)
+    assert int(ref["st_texts"]) == 6  # the six distinct statements, each once
+    b = W.B // 2
+    for r, res in enumerate(ranks):
+        assert int(res["st_texts"]) == 6
+        torch.testing.assert_close(res["st_loss"], ref["st_loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(res["st_grad_x_g"] / 2, ref["st_grad_x_g"][r * b:(r + 1) * b], rtol=1e-5, atol=1e-7)
+        for k in ("st_param_proj.weight", "st_param_proj.bias", "st_param_log_scale"):
+            torch.testing.assert_close(res[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_banks_identical_on_both_ranks(ranks, reference):
     for name in ("bank_g", "bank_l"):
         for k in ("queue", "ptr", "filled"):

@@ -126,12 +126,13 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_loss_sequence(project)
 @pytest.mark.slow
 def test_two_processes_with_nproc(project):
     p, bert = project
-    # --global-text statements: each rank pads its statements to a fixed count for the gather
-    _pretrain(p, bert, "--max-steps", "2", "--nproc", "2", "--run", "ddp", "--batch-size", "4",
-              "--global-text", "statements")
+    _pretrain(p, bert, "--max-steps", "2", "--nproc", "2", "--run", "ddp", "--batch-size", "4")
     cfg = json.loads((p.root / "pretrain" / "ddp" / "config.json").read_text())
-    rows = _losses(p.root / "pretrain" / "ddp")
-    assert cfg["world_size"] == 2 and len(rows) == 2 and all(math.isfinite(r["global"]) for r in rows)
+    assert cfg["world_size"] == 2 and len(_losses(p.root / "pretrain" / "ddp")) == 2
+    # --global-text statements: each rank pads its statements to a fixed count for the gather
+    _pretrain(p, bert, "--max-steps", "1", "--nproc", "2", "--run", "ddp-st", "--batch-size", "4",
+              "--global-text", "statements")
+    assert all(math.isfinite(r["global"]) for r in _losses(p.root / "pretrain" / "ddp-st"))
     runs = sorted(p.runs_dir.glob("*-pretrain/run.json"))
     assert json.loads(runs[-1].read_text())["status"] == "done"
     assert load_model(p.root / "pretrain" / "ddp" / "model").config["image"]["backbone"] == "vit"
@@ -176,29 +177,36 @@ def test_global_texts_draw_statements_reproducibly_and_know_their_positives():
     assert not empty[:, 0].any() and not empty[:, 2].any()  # an empty text matches nobody's padding
 
 
-def test_pretrain_with_statements_as_the_global_text(project):
+@pytest.mark.parametrize("mode", ["mixed", "statements"])
+def test_pretrain_with_statements_as_the_global_text(project, mode):
     p, bert = project
-    _pretrain(p, bert, "--max-steps", "2", "--global-text", "mixed", "--run", "mix")
-    rows = _losses(p.root / "pretrain" / "mix")
-    assert len(rows) == 2 and all(math.isfinite(r["global"]) for r in rows)
-    cfg = json.loads((p.root / "pretrain" / "mix" / "config.json").read_text())
-    assert cfg["train"]["global_text"] == "mixed"  # part of what a resume must match
+    _pretrain(p, bert, "--max-steps", "2", "--global-text", mode, "--run", mode)
+    rows = _losses(p.root / "pretrain" / mode)
+    assert len(rows) == 2 and all(math.isfinite(r["global"]) and r["global"] > 0 for r in rows)
+    cfg = json.loads((p.root / "pretrain" / mode / "config.json").read_text())
+    assert cfg["train"]["global_text"] == mode  # part of what a resume must match
 
 
 def test_statements_of_the_batch_are_distinct_and_know_which_volumes_they_describe():
     from mv3dtk.train.loop import MAX_STATEMENTS, distinct_statements, global_texts, pad_ids, statement_ids
 
-    batch = {"index": torch.tensor([0, 1]), "report": ["r0", "r1"],
+    rank0 = {"index": torch.tensor([0, 1]), "report": ["r0", "r1"],
              "enriched": ["Emphysema is present. Atelectasis is not present.",
                           "Emphysema is not present. Atelectasis is not present."]}
-    texts = global_texts(batch, "statements", 0, 3)
-    assert texts == ["Emphysema is present.", "Atelectasis is not present.", "Emphysema is not present."]
-    ids, true = statement_ids(batch, texts)
-    # two ranks, each padded to B * MAX_STATEMENTS: rank 1 repeats rank 0's batch (a statement seen twice)
-    emb = torch.arange(3.0)[:, None].repeat(1, 4)  # (3, E): row k is statement k
-    pad = 2 * MAX_STATEMENTS - 3
-    emb_all = torch.cat([torch.nn.functional.pad(emb, (0, 0, 0, pad))] * 2)
-    ids_all = torch.cat([pad_ids(ids, pad)] * 2)
-    text, pos = distinct_statements(emb_all, ids_all, torch.cat([true, true]))
-    assert text[:, 0].tolist() == [0.0, 1.0, 2.0]  # each statement once, padding dropped
-    assert pos.tolist() == [[True, True, False], [False, True, True]] * 2
+    rank1 = {"index": torch.tensor([2, 3]), "report": ["r2", "r3"],
+             "enriched": ["Cardiomegaly is present. Emphysema is not present.", ""]}
+    parts = []
+    for r, batch in enumerate((rank0, rank1)):  # what each rank sends to the all-gather
+        texts = global_texts(batch, "statements", 0, 3)
+        ids, true = statement_ids(batch, texts)
+        emb = torch.tensor([[10.0 * r + k] for k in range(len(texts))])  # (T_r, 1): rank r's k-th statement
+        pad = 2 * MAX_STATEMENTS - len(texts)
+        parts.append((torch.nn.functional.pad(emb, (0, 0, 0, pad)), pad_ids(ids, pad), true, texts))
+    assert parts[0][3] == ["Emphysema is present.", "Atelectasis is not present.", "Emphysema is not present."]
+    assert parts[1][3] == ["Cardiomegaly is present.", "Emphysema is not present."]
+    text, pos = distinct_statements(*(torch.cat([p[k] for p in parts]) for k in range(3)))
+    # each statement once, first copy kept (rank 0's "Emphysema is not present.", not rank 1's), padding dropped
+    assert text[:, 0].tolist() == [0.0, 1.0, 2.0, 10.0]
+    assert pos.tolist() == [[True, True, False, False], [False, True, True, False],
+                            [False, False, True, True], [False, False, False, False]]  # volume 3: nothing known
+    assert global_texts({"enriched": ["", ""]}, "statements", 0, 0) == [""]  # dropped by the loss (padding id)

@@ -95,7 +95,8 @@ class FrozenTextFeatures:
 
 
 def global_texts(batch: dict, mode: str, seed: int, step: int) -> list[str]:
-    """The text each volume of ``batch`` is aligned with by the global term (B,).
+    """The text each volume of ``batch`` is aligned with by the global term (B,); for
+    ``statements``, the batch's distinct statements (T,) (:func:`batch_statements`).
 
     ``report``: its source report (the paper). ``enriched``: the whole enriched report. ``statement``:
     one sentence of the enriched report, drawn afresh at every step (CXR-CLIP style), so that the image
@@ -122,11 +123,14 @@ def global_texts(batch: dict, mode: str, seed: int, step: int) -> list[str]:
 
 def batch_statements(batch: dict) -> list[str]:
     """``--global-text statements``: every distinct sentence of the batch's enriched reports, in order
-    of first appearance (T <= B * MAX_STATEMENTS). The global term then aligns each volume with all of
-    its own statements at once (:func:`mv3dtk.train.losses.set_nce`), a dense signal per step."""
+    of first appearance (1 <= T < B * MAX_STATEMENTS). The global term then aligns each volume with all
+    of its own statements at once (:func:`mv3dtk.train.losses.set_nce`), a dense signal per step.
+    Only the sentences :func:`statement_ids` knows as true are used; a batch without any gives the
+    empty text, which the loss drops (its id is the padding's)."""
     from ..text.labeler import split_sentences
 
-    return list(dict.fromkeys(x for text in batch["enriched"] for x in split_sentences(text)[:MAX_STATEMENTS]))
+    keep = MAX_STATEMENTS - 1  # statement_ids stores the whole text's id, then this many sentences
+    return list(dict.fromkeys(x for text in batch["enriched"] for x in split_sentences(text)[:keep])) or [""]
 
 
 def first_of_each(ids: torch.Tensor) -> torch.Tensor:
@@ -179,8 +183,9 @@ def statement_ids(batch: dict, texts: list[str]) -> tuple[torch.Tensor, torch.Te
 
 
 def positives_from_ids(text_ids: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
-    """text_ids (N,), true_ids (N, K) -> (N, N) bool: global text j is one of volume i's statements.
-    An empty text (the padding's id) is nobody's positive but its own (the loss adds the diagonal)."""
+    """text_ids (T,), true_ids (B, K) -> (B, T) bool: global text j is one of volume i's statements.
+    An empty text (the padding's id) is nobody's positive; with paired texts (T = B) the training
+    loop adds the diagonal, so an empty text is still its own volume's."""
     return (true_ids[:, :, None] == text_ids[None, None, :]).any(1) & (text_ids != EMPTY_ID)[None, :]
 
 
@@ -314,7 +319,7 @@ class Trainer:
         masks = batch["mask"].to(dev, non_blocking=True)  # (B, D, H, W)
         texts, index = _region_inputs(batch, "region_texts")
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-            report = global_texts(batch, self.cfg.global_text, self.cfg.seed, self.step)  # (B,)
+            report = global_texts(batch, self.cfg.global_text, self.cfg.seed, self.step)  # (B,) or (T,)
             out = self.net(image, masks, self._texts(report, dev),
                            self._texts(texts, dev) if texts else None, index.to(dev))
         if self.cfg.global_text in ("statement", "mixed", "statements"):

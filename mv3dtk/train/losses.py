@@ -13,6 +13,9 @@ InfoNCE (symmetric), for paired rows a_i, b_i, i = 1..N::
                                 + (logsumexp_j s·b_i·a_j − s·b_i·a_i) ]
 
 (1–2)   L_global = InfoNCE(v^G, t^G) over the (gathered) batch, v^G image, t^G report embeddings.
+        With statements as the global texts, the multi-positive form over a (B, T) set of texts
+        (``set_nce``): row i's target is uniform over the statements true of volume i, and column
+        j's over the volumes statement j is true of.
 
 (3–4)   L_local. V_r = { i : region r present in volume i AND volume i has a sentence for r }
         (``region_present & text_local_valid``). Per region::
@@ -160,7 +163,9 @@ def global_loss(image_global: Tensor, text_global: Tensor, logit_scale: Tensor |
                 positives: Tensor | None = None) -> Tensor:
     """L_global (eqs. 1–2): image_global (B, E), text_global (B, E) paired rows -> scalar. With
     ``positives`` (B, T) bool, text_global is any set of T texts and positives says exactly which are
-    true of which volume (:func:`set_nce`; the training loop builds it from statement identities)."""
+    true of which volume (:func:`set_nce`; the training loop builds it from statement identities).
+    Nothing is added to ``positives``: for paired rows, include the diagonal yourself (a volume's own
+    text), as :func:`info_nce` does."""
     if positives is None:
         return info_nce(image_global, text_global, logit_scale)
     return set_nce(image_global, text_global, positives, logit_scale)
