@@ -308,7 +308,7 @@ def test_no_gradient_into_the_bank(out):
     assert torch.equal(bank.queue, before) and bank.queue.grad is None
 
 
-def test_multi_positive_info_nce_spreads_the_target_over_the_positives():
+def test_multi_positive_global_loss_spreads_the_target_over_the_positives():
     torch.manual_seed(3)
     a, b = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
     s = 10.0
@@ -319,10 +319,10 @@ def test_multi_positive_info_nce_spreads_the_target_over_the_positives():
     rows = [-(lsm[0, 0] + lsm[0, 2]) / 2] + [-lsm[i, i] for i in (1, 2, 3)]  # image -> text
     cols = [-lsm_t[0, 0], -lsm_t[1, 1], -(lsm_t[2, 2] + lsm_t[2, 0]) / 2, -lsm_t[3, 3]]  # text -> image
     want = 0.5 * (torch.stack(rows).mean() + torch.stack(cols).mean())
-    torch.testing.assert_close(info_nce(a, b, s, pos), want)
-    # no extra positive (or only the diagonal) is the plain InfoNCE
-    torch.testing.assert_close(info_nce(a, b, s, torch.eye(4, dtype=torch.bool)), info_nce(a, b, s))
-    torch.testing.assert_close(info_nce(a, b, s, torch.zeros(4, 4, dtype=torch.bool)), info_nce(a, b, s))
+    eye = torch.eye(4, dtype=torch.bool)
+    torch.testing.assert_close(global_loss(a, b, s, pos | eye), want)
+    # only the diagonal is the plain InfoNCE
+    torch.testing.assert_close(global_loss(a, b, s, eye), info_nce(a, b, s))
 
 
 def test_set_nce_aligns_each_row_with_all_of_its_positives():

@@ -54,17 +54,15 @@ PAPER_BATCH = {"vit": 32, "unimiss": 20}
 @click.option("--seed", default=0, show_default=True, type=int)
 @pass_stage_context
 def command(sctx: StageContext, backbone, model_config, text_encoder, freeze_text, global_text, init_from, losses,
-            mask_pool_layer,
-            batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, rsmb_size, rsmb_init, precision, grad_checkpointing, compile_,
-            workers, nproc, checkpoint_every, resume, run_name, seed):
+            mask_pool_layer, batch_size, epochs, max_steps, lr, weight_decay, warmup_steps, rsmb_size, rsmb_init,
+            precision, grad_checkpointing, compile_, workers, nproc, checkpoint_every, resume, run_name, seed):
     """Pretrain MedVista3D (global + local + semantic alignment) on prep's volumes and masks, the
     report and region sentences, and rewrite's enriched texts. Defaults are the paper's."""
     from ..train.launch import pretrain
 
     pretrain(sctx, backbone=backbone, model_config=model_config or DEFAULT_CONFIG[backbone],
              text_encoder=text_encoder, freeze_text=freeze_text, global_text=global_text, init_from=init_from,
-             losses=losses,
-             mask_pool_layer=mask_pool_layer,
+             losses=losses, mask_pool_layer=mask_pool_layer,
              batch_size=batch_size or PAPER_BATCH[backbone], epochs=epochs, max_steps=max_steps, lr=lr,
              weight_decay=weight_decay, warmup_steps=warmup_steps, rsmb_size=rsmb_size, rsmb_init=rsmb_init,
              precision=precision, grad_checkpointing=grad_checkpointing, compile_=compile_, workers=workers,

@@ -84,21 +84,15 @@ def _scale(logit_scale: Tensor | float, device: torch.device) -> Tensor:
     return s.reshape(()).clamp(max=MAX_LOGIT_SCALE)
 
 
-def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float, positives: Tensor | None = None) -> Tensor:
-    """Symmetric InfoNCE between paired rows: a (N, E), b (N, E) -> scalar (eqs. 1–2).
-
-    ``positives`` (N, N) bool, optional: b_j is also a right answer for a_i (the diagonal always is).
-    The target of row i is then uniform over its positives, in both directions (multi-positive
-    InfoNCE, as in UniCL): a text that is true of several volumes of the batch is not their negative."""
+def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """Symmetric InfoNCE between paired rows: a (N, E), b (N, E) -> scalar (eqs. 1–2). For texts
+    that are true of several rows (multi-positive), see :func:`set_nce`."""
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"info_nce needs two (N, E) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if positives is None:
-        s = _scale(logit_scale, a.device)
-        logits = s * (a.float() @ b.float().T)  # (N, N): row i = a_i against every b_j
-        target = torch.arange(a.shape[0], device=a.device)
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
-    return set_nce(a, b, positives.to(device=a.device, dtype=torch.bool) | eye, logit_scale)
+    s = _scale(logit_scale, a.device)
+    logits = s * (a.float() @ b.float().T)  # (N, N): row i = a_i against every b_j
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 def set_nce(a: Tensor, b: Tensor, positives: Tensor, logit_scale: Tensor | float) -> Tensor:
@@ -164,8 +158,7 @@ def global_loss(image_global: Tensor, text_global: Tensor, logit_scale: Tensor |
     """L_global (eqs. 1–2): image_global (B, E), text_global (B, E) paired rows -> scalar. With
     ``positives`` (B, T) bool, text_global is any set of T texts and positives says exactly which are
     true of which volume (:func:`set_nce`; the training loop builds it from statement identities).
-    Nothing is added to ``positives``: for paired rows, include the diagonal yourself (a volume's own
-    text), as :func:`info_nce` does."""
+    Nothing is added to ``positives``: for paired rows, include the diagonal (a volume's own text)."""
     if positives is None:
         return info_nce(image_global, text_global, logit_scale)
     return set_nce(image_global, text_global, positives, logit_scale)
