@@ -3,7 +3,7 @@ rewrite (rules) -> pretrain (tiny, CPU) -> zero-shot, once with all four loss te
 the local terms (the paper's Table 4 logic), printing global and organ-level (local) zero-shot AUC
 side by side, plus training throughput.
 
-    .venv/bin/python benchmarks/learnability.py [--scans 240] [--epochs 4] [--out /tmp/mv3d-learn]
+    .venv/bin/python benchmarks/learnability.py [--scans 960] [--valid 120] [--epochs 8] [--out /tmp/mv3d-learn]
 
 Each run is the real CLI; the zero-shot numbers come from mv3dtk.eval.zeroshot.zero_shot (the CT-CLIP
 protocol), on the synthetic valid split.
@@ -41,11 +41,13 @@ def build_project(out: Path, scans: int, valid: int, seed: int) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scans", type=int, default=240, help="training scans (reconstructions make ~4/3 volumes each)")
-    ap.add_argument("--valid", type=int, default=60, help="validation scans")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--scans", type=int, default=960, help="training scans (reconstructions make ~4/3 volumes each)")
+    ap.add_argument("--valid", type=int, default=120, help="validation scans")
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--global-text", default="statements", help="pretrain --global-text (the demo's: statements)")
+    ap.add_argument("--model-config", default="vit-tiny", help="pretrain --model-config (name or JSON path)")
+    ap.add_argument("--only", choices=("all four terms", "no local terms"), help="run one of the two settings only")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mv3d-learn"))
     a = ap.parse_args()
 
@@ -58,12 +60,14 @@ def main() -> None:
     proj = build_project(a.out, a.scans, a.valid, a.seed)
     print(f"data: {a.scans} + {a.valid} scans, synth + prep + rewrite {time.perf_counter() - t0:.0f} s")
 
-    common = ["--backbone", "vit", "--model-config", "vit-tiny", "--freeze-text", "--global-text", a.global_text,
+    common = ["--backbone", "vit", "--model-config", a.model_config, "--freeze-text", "--global-text", a.global_text,
               "--batch-size", "16", "--epochs",
               str(a.epochs), "--warmup-steps", "20", "--lr", "1e-3", "--workers", "1", "--seed", str(a.seed)]
     rows = []
     for name, losses in (("all four terms", "global,local,global-semantic,local-semantic"),
                          ("no local terms", "global,global-semantic")):
+        if a.only not in (None, name):
+            continue
         run = name.replace(" ", "-")
         t = time.perf_counter()
         mv3d("-P", str(proj), "pretrain", *common, "--losses", losses, "--run", run)

@@ -223,11 +223,12 @@ def test_canonical_statements():
     labels = {"Pleural effusion": P, "Cardiomegaly": A, "Lung nodule": U, "Medical material": P, "Emphysema": P}
     sides = {"Pleural effusion": "right", "Medical material": "left", "Lung nodule": "left"}
     assert canonical_statements(labels, sides) == [
-        "Medical material is present on the left.", "Cardiomegaly is not present.", "Emphysema is present.",
-        "Lung nodule cannot be excluded.", "Pleural effusion is present in the right lung."]
+        "Medical material is present. Medical material is seen on the left.", "Cardiomegaly is not present.",
+        "Emphysema is present.", "Lung nodule cannot be excluded.",
+        "Pleural effusion is present. Pleural effusion is seen in the right lung."]
     assert canonical_statements({"Pleural effusion": P}) == ["Pleural effusion is present."]
     assert canonical_statements({"Pleural effusion": P}, {"Pleural effusion": "bilateral"}) == [
-        "Pleural effusion is present in both lungs."]
+        "Pleural effusion is present. Pleural effusion is seen in both lungs."]
     assert canonical_statements({"Pleural effusion": A}) == ["Pleural effusion is not present."]
     with pytest.raises(ValueError):
         canonical_statements({"Pleural efusion": P})
@@ -254,8 +255,8 @@ def test_rules_rewrite_without_findings():
 def test_rules_rewrite_text():
     src = ("Subsegmental atelectatic changes are observed in the middle lobe of the right lung. No pleural effusion "
            "or pneumothorax was detected. Heart contour and size are normal.")
-    assert rules_rewrite(src) == ("Cardiomegaly is not present. Atelectasis is present in the right lung. "
-                                  "Pleural effusion is not present. Pneumothorax is not present.")
+    assert rules_rewrite(src) == ("Cardiomegaly is not present. Atelectasis is present. Atelectasis is seen in the "
+                                  "right lung. Pleural effusion is not present. Pneumothorax is not present.")
 
 
 SOURCE = ("Right pleural effusion. No pneumothorax. Mild cardiomegaly. Possible atelectasis in the right lower "

@@ -1,9 +1,11 @@
 """The whole chain learns (issue #6, Deliver 6): synthetic CT-RATE -> prep -> rewrite (rules) ->
-pretrain (vit-tiny, CPU, a few minutes) -> zero-shot with the CT-CLIP protocol. Untrained, every AUC
+pretrain (vit-tiny, CPU, about 6 minutes) -> zero-shot with the CT-CLIP protocol. Untrained, every AUC
 sits at 0.5 +- noise; the thresholds below are what a working chain clears with a margin (the
 figures come from benchmarks/learnability.py on the same seed). The issue's target, a mean global
-AUC of 0.80, is not reached yet: see the README's "Learnability" paragraph for why. A broken loss, a
-text/image misalignment in the loader, a wrong mask bit or a prompt/label mix-up all bring them back to chance."""
+AUC of 0.80, is not quite reached (0.794): nine large or bright findings reach 1.00, the nine
+textural ones inside the lung stay at 0.47-0.71 (see the README's "Learnability" paragraph). A broken loss,
+a text/image misalignment in the loader, a wrong mask bit or a prompt/label mix-up all bring them
+back to chance."""
 
 from __future__ import annotations
 
@@ -25,29 +27,30 @@ def test_tiny_pretraining_on_synthetic_data_beats_chance_in_zero_shot(tmp_path):
     from mv3dtk.eval.zeroshot import zero_shot
 
     data, proj = tmp_path / "data", tmp_path / "project"
-    run_mv3d("synth", str(data), "--n-train", "240", "--n-valid", "60", "--shape", "32", "64", "64", *GRID,
+    run_mv3d("synth", str(data), "--n-train", "960", "--n-valid", "120", "--shape", "32", "64", "64", *GRID,
              "--seed", "0", timeout=600)
     run_mv3d("init", str(proj))
     run_mv3d("-P", str(proj), "prep", str(data), *GRID, *SIZE, "--workers", "2", timeout=600)
     run_mv3d("-P", str(proj), "rewrite", "--backend", "rules", timeout=600)
     run_mv3d("-P", str(proj), "pretrain", "--backbone", "vit", "--model-config", "vit-tiny", "--freeze-text",
-             "--global-text", "statements", "--batch-size", "16", "--epochs", "10", "--warmup-steps", "20",
+             "--global-text", "statements", "--batch-size", "16", "--epochs", "8", "--warmup-steps", "20",
              "--lr", "1e-3", "--workers", "1", "--run", "learn", timeout=1200)
     rows = [json.loads(x) for x in (proj / "pretrain" / "learn" / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
-    assert last["global"] < first["global"] - 0.3  # the contrastive loss really goes down
+    assert last["global"] < first["global"] - 0.6  # the contrastive loss really goes down (measured 3.46 -> 2.31)
 
     torch.manual_seed(0)
     model = load_model(proj / "pretrain" / "learn" / "model").eval()
     glob = zero_shot(model, proj, mode="global")
     loc = zero_shot(model, proj, mode="local")
-    assert glob["n_volumes"] == 80 and glob["macro"]["n_classes"] >= 15
-    # measured on this seed: global 0.640, local 0.698 (benchmarks/learnability.py --epochs 10)
-    assert glob["macro"]["auroc"] >= 0.59, glob["per_class"]
-    assert loc["macro"]["auroc"] >= 0.64, loc["per_class"]
-    # large, high-contrast findings are learnt clearly (measured: 0.91, 0.92, 0.91, 0.91 / 1.0, 1.0, 0.99)
-    easy = [glob["per_class"][k]["auroc"] for k in ("Arterial wall calcification", "Atelectasis",
-                                                     "Pericardial effusion", "Coronary artery wall calcification")]
-    assert min(easy) >= 0.75, easy
+    assert glob["n_volumes"] == 160 and glob["macro"]["n_classes"] == 18
+    # measured on this seed: global 0.794, local 0.757 (benchmarks/learnability.py --epochs 8)
+    assert glob["macro"]["auroc"] >= 0.75, glob["per_class"]
+    assert loc["macro"]["auroc"] >= 0.71, loc["per_class"]
+    # the large or bright findings are learnt (measured: 0.996-1.000 for all nine)
+    easy = {k: glob["per_class"][k]["auroc"] for k in (
+        "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+        "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Atelectasis", "Pleural effusion")}
+    assert min(easy.values()) >= 0.9, easy
     organ = [loc["per_class"][k]["auroc"] for k in ("Hiatal hernia", "Pericardial effusion", "Arterial wall calcification")]
-    assert min(organ) >= 0.85, organ
+    assert min(organ) >= 0.9, organ

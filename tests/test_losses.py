@@ -308,16 +308,23 @@ def test_no_gradient_into_the_bank(out):
     assert torch.equal(bank.queue, before) and bank.queue.grad is None
 
 
-def test_multi_positive_global_loss_spreads_the_target_over_the_positives():
+def _pair_term(z: torch.Tensor, j: int, negatives: list[int]) -> torch.Tensor:
+    """-log( e^z_j / (e^z_j + sum over the negatives e^z_n) ): one positive against the negatives only."""
+    return -(z[j] - torch.logsumexp(z[[j] + negatives], 0))
+
+
+def test_multi_positive_global_loss_sets_each_positive_against_the_negatives():
     torch.manual_seed(3)
     a, b = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
     s = 10.0
     pos = torch.zeros(4, 4, dtype=torch.bool)
     pos[0, 2] = True  # text 2 is also true of volume 0
-    logits = s * a @ b.T
-    lsm, lsm_t = logits.log_softmax(1), logits.T.log_softmax(1)
-    rows = [-(lsm[0, 0] + lsm[0, 2]) / 2] + [-lsm[i, i] for i in (1, 2, 3)]  # image -> text
-    cols = [-lsm_t[0, 0], -lsm_t[1, 1], -(lsm_t[2, 2] + lsm_t[2, 0]) / 2, -lsm_t[3, 3]]  # text -> image
+    z, zt = s * a @ b.T, s * b @ a.T
+    t = _pair_term
+    rows = [(t(z[0], 0, [1, 3]) + t(z[0], 2, [1, 3])) / 2] + [t(z[i], i, [k for k in range(4) if k != i])
+                                                              for i in (1, 2, 3)]  # image -> text
+    cols = [t(zt[0], 0, [1, 2, 3]), t(zt[1], 1, [0, 2, 3]), (t(zt[2], 2, [1, 3]) + t(zt[2], 0, [1, 3])) / 2,
+            t(zt[3], 3, [0, 1, 2])]  # text -> image
     want = 0.5 * (torch.stack(rows).mean() + torch.stack(cols).mean())
     eye = torch.eye(4, dtype=torch.bool)
     torch.testing.assert_close(global_loss(a, b, s, pos | eye), want)
@@ -330,12 +337,24 @@ def test_set_nce_aligns_each_row_with_all_of_its_positives():
     a, b = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
     s = 7.0
     pos = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)  # row 2, column 3/4: none
-    logits = s * a @ b.T
-    lsm, lsm_t = logits.log_softmax(1), logits.T.log_softmax(1)
-    rows = [-(lsm[0, 0] + lsm[0, 2]) / 2, -(lsm[1, 1] + lsm[1, 2]) / 2]  # volume -> its statements
-    cols = [-lsm_t[0, 0], -lsm_t[1, 1], -(lsm_t[2, 0] + lsm_t[2, 1]) / 2]  # statement -> the volumes it is true of
+    z, zt, t = s * a @ b.T, s * b @ a.T, _pair_term
+    rows = [(t(z[0], 0, [1, 3, 4]) + t(z[0], 2, [1, 3, 4])) / 2,
+            (t(z[1], 1, [0, 3, 4]) + t(z[1], 2, [0, 3, 4])) / 2]  # volume -> its statements
+    cols = [t(zt[0], 0, [1, 2]), t(zt[1], 1, [0, 2]), (t(zt[2], 0, [2]) + t(zt[2], 1, [2])) / 2]  # statement -> volumes
     want = 0.5 * (torch.stack(rows).mean() + torch.stack(cols).mean())
     torch.testing.assert_close(set_nce(a, b, pos, s), want)
+    # a statement true of every volume (no negative) adds 0 and no NaN gradient
+    a2 = a.clone().requires_grad_(True)
+    every = pos.clone()
+    every[:, 4] = True
+    loss = set_nce(a2, b, every, s)
+    loss.backward()
+    assert torch.isfinite(a2.grad).all()
+    cols_every = cols + [torch.zeros(())]
+    rows_every = [(t(z[0], 0, [1, 3]) + t(z[0], 2, [1, 3]) + t(z[0], 4, [1, 3])) / 3,
+                  (t(z[1], 1, [0, 3]) + t(z[1], 2, [0, 3]) + t(z[1], 4, [0, 3])) / 3,
+                  t(z[2], 4, [0, 1, 2, 3])]
+    torch.testing.assert_close(loss, 0.5 * (torch.stack(rows_every).mean() + torch.stack(cols_every).mean()))
     # a square set with the diagonal as its only positives is the plain InfoNCE
     torch.testing.assert_close(set_nce(a, b[:3], torch.eye(3, dtype=torch.bool), s), info_nce(a, b[:3], s))
     with pytest.raises(ValueError, match="positives"):

@@ -495,3 +495,34 @@ def test_no_fine_anatomies(tmp_path):
     assert not (tmp_path / "dataset" / "train_anatomy_mask").exists()
     assert s.files_written == sum(1 for p in tmp_path.rglob("*") if p.is_file())
     assert math.isclose(s.n_volumes["train"], 2)
+
+
+@pytest.mark.parametrize("name, hu", [("Consolidation", (-200, 200)), ("Lung opacity", (-700, -450)),
+                                      ("Emphysema", (-1100, -950))])
+def test_textural_lung_lesions_scale_with_the_lung_on_every_axis(name, hu):
+    """On thick-slice grids a lesion sized in millimetres was a one-slice disc; sized against the
+    lung it covers the same share of the lung's height whatever the slice thickness."""
+    from mv3dtk.data import phantom
+    from mv3dtk.data.phantom import Finding
+
+    extents = []
+    for shape, spacing in (((64, 64, 32), (1.5, 1.5, 6.0)), ((64, 64, 64), (1.5, 1.5, 3.0))):
+        grid = phantom.make_grid(shape, spacing)
+        anatomy = phantom.Anatomy("M", 1.0, 1.0, 0.0, 0.0)
+        plan = {name: Finding(name, side="right", lobe="upper" if name == "Emphysema" else "lower",
+                              severity="mild")}
+        base = None
+        for found in ({}, plan):
+            cv, f = phantom.draw_labels(grid, anatomy, found, np.random.default_rng(0))
+            phantom.draw_hu(cv, f, np.random.default_rng(1))
+            lung = np.isin(cv.lab, phantom.LUNG)
+            inside = lung & (cv.hu >= hu[0]) & (cv.hu <= hu[1])
+            if base is None:
+                base = inside
+        lesion = inside & ~base  # (W, H, D) voxels the finding added
+        assert lesion.sum() > 0.004 * lung.sum(), (name, shape, int(lesion.sum()))
+        parts, _ = ndimage.label(lesion)
+        tallest = max(sl[2].stop - sl[2].start for sl in ndimage.find_objects(parts))
+        extents.append(tallest / shape[2])  # the tallest patch's share of the scan's height
+    assert min(extents) >= 0.08, extents  # >= 3 slices of 32, not a one-slice disc
+    assert extents[0] == pytest.approx(extents[1], rel=0.5)

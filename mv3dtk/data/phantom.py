@@ -484,6 +484,26 @@ def _lung_semi_mm(g: Grid, side: str) -> float:
     return float(min(r[0] * g.units[0], r[1] * g.units[1]))
 
 
+LUNG_HALF_Z = (APEX_Z - 0.17) / 2  # half the lung's height (diaphragm to apex), normalised Z
+
+
+def lung_semi_axes(side: str) -> np.ndarray:  # (3,) the lung's semi-axes, normalised (X, Y, Z)
+    r = LUNG_GEOM[side][4]
+    return np.array([r[0], r[1], LUNG_HALF_Z], np.float32)
+
+
+def _lung_blob(cv: Canvas, c, side: str, rel: float, value: float, mode: str) -> None:
+    """An ellipsoid ``rel`` times the lung's own semi-axes (at least ~1.5 voxels on every axis).
+
+    Textural lesions (ground glass, consolidation, emphysema) are sized against the lung, on every
+    axis, as the anatomy is: a lesion sized in millimetres would be a one-slice disc on a grid whose
+    slices are several times thicker than its pixels, and a few voxels on a small field of view."""
+    g = cv.grid
+    floor = 1.5 * np.array(g.spacing, np.float32) / g.units
+    box, level = _ellipsoid(g, c, np.maximum(rel * lung_semi_axes(side), floor))
+    _paint_hu(cv, box, level <= 1, value, mode)
+
+
 def lung_point(cv: Canvas, side: str, lobe: str, rng, margin_mm: float = 0.0):
     """A voxel-centred point inside ``side``'s lung in ``lobe`` (at least ``margin_mm`` inside)."""
     g, (lung, _, _, c, r) = cv.grid, LUNG_GEOM[side]
@@ -590,19 +610,17 @@ def _draw_nodule(cv: Canvas, f: Finding, rng) -> Finding:
 
 def _draw_patches(cv: Canvas, f: Finding, rng, n: int, rel: tuple[float, float], hu: float, mode: str):
     for side in _sides(f):
-        semi = _lung_semi_mm(cv.grid, side)
         for _ in range(n):
             c = lung_point(cv, side, f.lobe or "upper", rng)
-            r_mm = max(float(rng.uniform(*rel)) * semi, 2.5 * cv.grid.spacing[0])
-            _blob(cv, c, r_mm, hu, mode)
+            _lung_blob(cv, c, side, float(rng.uniform(*rel)), hu, mode)
 
 
 def _draw_consolidation(cv: Canvas, f: Finding, rng) -> None:
     semi = _lung_semi_mm(cv.grid, f.side)
     c = np.array(lung_point(cv, f.side, f.lobe, rng, margin_mm=0.3 * semi))
     for _ in range(3):
-        off = rng.uniform(-0.2, 0.2, 3) * semi / cv.grid.units
-        _blob(cv, tuple(c + off), float(rng.uniform(0.3, 0.45)) * semi, 30, "set")
+        off = rng.uniform(-0.2, 0.2, 3) * lung_semi_axes(f.side)
+        _lung_blob(cv, tuple(c + off), f.side, float(rng.uniform(0.3, 0.45)), 30, "set")
     air = max(0.6 * cv.grid.spacing[0], 0.006 * cv.grid.units[0])
     box, dist = _segment(cv.grid, tuple(c), tuple(0.5 * (c + np.array(HILUM[f.side]))), air)
     _paint_hu(cv, box, (dist <= air) & (cv.hu[box] > -100), -900)
@@ -629,14 +647,13 @@ def _draw_fibrosis(cv: Canvas, f: Finding, rng) -> None:
 
 
 def _draw_mosaic(cv: Canvas, f: Finding, rng) -> None:
-    u = cv.grid.units
     waves = [(rng.normal(size=3), rng.uniform(0, 2 * np.pi)) for _ in range(3)]
     for side in _sides(f):
-        lam = 0.8 * _lung_semi_mm(cv.grid, side)
+        u = 1 / lung_semi_axes(side)  # lobular patches ~0.8 lung semi-axes apart on every axis
         box, _, X, Y, Z = _lung_level(cv, side)
         field = np.zeros(cv.hu[box].shape, np.float32)
         for k, phase in waves:
-            k = k / np.linalg.norm(k) * 2 * np.pi / lam
+            k = k / np.linalg.norm(k) * 2 * np.pi / 0.8
             field += np.sin(X * (u[0] * k[0]) + Y * (u[1] * k[1]) + Z * (u[2] * k[2]) + phase)
         m = _allowed(LUNG)[cv.lab[box]]
         cv.hu[box][m] += np.where(field > 0, 55, -65).astype(np.float32)[m]
@@ -699,7 +716,7 @@ def draw_hu(cv: Canvas, found: dict[str, Finding], rng) -> dict[str, Finding]:
     if "Mosaic attenuation pattern" in found:
         _draw_mosaic(cv, found["Mosaic attenuation pattern"], rng)
     if "Emphysema" in found:
-        _draw_patches(cv, found["Emphysema"], rng, 6, (0.12, 0.25), -985, "min")
+        _draw_patches(cv, found["Emphysema"], rng, 6, (0.15, 0.3), -985, "min")
     _draw_vessels(cv, rng)
     _draw_bronchi(cv, found.get("Peribronchial thickening"), rng)
     _draw_lesions(cv, found, rng)

@@ -13,7 +13,7 @@ in three modes:
 Organ modes score the whole volume's organ (MedVista3D's dual pathway pools the mask itself), not
 fVLM's organ-centred windows. Their prompts default to the same CT-CLIP pair (``local_prompts="same"``):
 MedVista3D aligns local embeddings with region sentences and their LLM rewrites, which are
-presence/absence statements of that very form ("Pleural effusion is present in the right lung.");
+presence/absence statements of that very form ("Pleural effusion is present.");
 fVLM's short prompts ("Nodule." / "Not Nodule.", ``local_prompts="fvlm"``) match fVLM's own organ
 texts and are there to reproduce its numbers.
 

@@ -36,7 +36,7 @@ from mv3dtk.data.ctrate import ABNORMALITIES
 __all__ = ["EXTRA_LABELS", "LABELS", "VERSION", "Mention", "canonical_statements", "compare", "label_text",
            "mentions", "rules_rewrite", "split_sentences"]
 
-VERSION = "1"  # bump when the vocabulary or the rules change (it keys the rewrite cache)
+VERSION = "2"  # bump when the vocabulary, the rules or the statements change (it keys the rewrite cache)
 
 
 def _gap(n: int) -> str:
@@ -537,8 +537,9 @@ def _where(label: str, side: str | None) -> str:
 
 
 def _statement(label: str, status: str, side: str | None) -> str:
-    if status == "present":
-        return f"{label} is present{_where(label, side)}."
+    if status == "present":  # the prompt's exact wording; the side, when known, in a sentence of its own
+        where = _where(label, side)
+        return f"{label} is present." + (f" {label} is seen{where}." if where else "")
     if status == "uncertain":
         return f"{label} cannot be excluded."
     if status == "absent":
@@ -547,8 +548,10 @@ def _statement(label: str, status: str, side: str | None) -> str:
 
 
 def canonical_statements(labels: dict[str, str], sides: dict[str, str | None] | None = None) -> list[str]:
-    """One canonical sentence per label of ``labels``, in :data:`LABELS` order; the side is stated for
-    present labels only ("Pleural effusion is present in the right lung.")."""
+    """The canonical statement of each label of ``labels``, in :data:`LABELS` order, worded as the
+    CT-CLIP zero-shot prompts are ("Pleural effusion is present." / "... is not present."), so that
+    statements of both polarities share the prompts' form. The side of a present label is stated in
+    a second sentence ("Pleural effusion is seen in the right lung.")."""
     unknown = set(labels) - set(LABELS)
     if unknown:
         raise ValueError(f"unknown labels {sorted(unknown)}; known: {LABELS}")

@@ -97,9 +97,18 @@ def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tensor:
 
 def set_nce(a: Tensor, b: Tensor, positives: Tensor, logit_scale: Tensor | float) -> Tensor:
     """Symmetric multi-positive InfoNCE between two sets: a (N, E), b (T, E), positives (N, T) bool
-    -> scalar. Row i's target is uniform over { j : positives[i, j] }, column j's over
-    { i : positives[i, j] }; rows and columns without any positive are left out of their mean.
-    With every statement of the batch as b, this aligns each volume with all that is true of it."""
+    -> scalar. With every statement of the batch as b, this aligns each volume with all that is true
+    of it.
+
+    Each positive pair (i, j) is an InfoNCE term of its own against the *negatives* of its row (and,
+    the other way, of its column) only: ``softplus(logsumexp_{n not positive} z_in - z_ij)``, averaged
+    over the row's positives, then over rows with a positive (columns likewise). The other positives
+    are not in the denominator: with a uniform soft target over the positives instead (SupCon's
+    L_out), positives share the probability mass, and a hard negative ("X is not present." for a
+    volume with X) costs about as little as a positive gets; here it competes with each positive
+    alone. Measured on the synthetic chain (benchmarks/learnability.py, 400 steps): global zero-shot
+    AUC 0.746 against 0.716, and the prompt pairs of learnt findings end up far apart (cosine ~0
+    against 0.7-0.9). A row or column with no negative contributes 0."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or positives.shape != (a.shape[0], b.shape[0]):
         raise ValueError(f"set_nce needs a (N, E), b (T, E) and positives (N, T), got {tuple(a.shape)}, "
                          f"{tuple(b.shape)} and {tuple(positives.shape)}")
@@ -107,10 +116,12 @@ def set_nce(a: Tensor, b: Tensor, positives: Tensor, logit_scale: Tensor | float
     logits = s * (a.float() @ b.float().T)  # (N, T)
     pos = positives.to(device=a.device, dtype=torch.float32)
 
-    def one_way(z: Tensor, p: Tensor) -> Tensor:  # rows of z against soft targets p, mean over rows with a positive
-        n = p.sum(1)
+    def one_way(z: Tensor, p: Tensor) -> Tensor:  # (rows, cols) logits, positives -> mean over rows with a positive
+        n = p.sum(1)  # (rows,)
         has = n > 0
-        ce = -(p / n.clamp(min=1)[:, None] * z.log_softmax(1)).sum(1)  # (rows,)
+        # a finite stand-in for -inf, so that a row without negatives gives 0 and no NaN gradient
+        neg = z.masked_fill(p > 0, -1e4).logsumexp(1, keepdim=True)  # (rows, 1)
+        ce = (p * F.softplus(neg - z)).sum(1) / n.clamp(min=1)  # (rows,)
         return (ce * has).sum() / has.sum().clamp(min=1)
 
     return 0.5 * (one_way(logits, pos) + one_way(logits.T, pos.T))
