@@ -14,8 +14,8 @@ InfoNCE (symmetric), for paired rows a_i, b_i, i = 1..N::
 
 (1–2)   L_global = InfoNCE(v^G, t^G) over the (gathered) batch, v^G image, t^G report embeddings.
         With statements as the global texts, the multi-positive form over a (B, T) set of texts
-        (``set_nce``): row i's target is uniform over the statements true of volume i, and column
-        j's over the volumes statement j is true of.
+        (``set_nce``): every statement j true of volume i is a positive of row i and of column j,
+        each set against the negatives of its row / column only (not the other positives).
 
 (3–4)   L_local. V_r = { i : region r present in volume i AND volume i has a sentence for r }
         (``region_present & text_local_valid``). Per region::
