@@ -52,5 +52,6 @@ def test_tiny_pretraining_on_synthetic_data_beats_chance_in_zero_shot(tmp_path):
         "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
         "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Atelectasis", "Pleural effusion")}
     assert min(easy.values()) >= 0.9, easy
+    # organ level (measured: 1.000, 1.000, 1.000)
     organ = [loc["per_class"][k]["auroc"] for k in ("Hiatal hernia", "Pericardial effusion", "Arterial wall calcification")]
     assert min(organ) >= 0.9, organ
