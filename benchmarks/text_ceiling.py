@@ -40,7 +40,7 @@ def main() -> None:
     from mv3dtk.eval.prompts import ctclip_prompts
     from mv3dtk.models.text import TextEncoder, resolve_text_model
     from mv3dtk.models.medvista3d import text_projection
-    from mv3dtk.train.loop import distinct_statements, global_texts, positives_from_ids, statement_ids
+    from mv3dtk.train.loop import global_targets, global_texts, statement_ids
     from mv3dtk.train.losses import global_loss
 
     vols = pl.read_parquet(a.project / "prep" / "volumes.parquet").filter(pl.col("status") == "ok")
@@ -87,10 +87,8 @@ def main() -> None:
             img = F.normalize(image_map(labels[idx]), dim=-1)
             txt = F.normalize(text_proj(features(texts)), dim=-1)
             pos = None
-            if mode in ("statement", "mixed"):  # as the training loop builds them
-                pos = positives_from_ids(*statement_ids(batch, texts)) | torch.eye(len(idx), dtype=torch.bool)
-            elif mode == "statements":
-                txt, pos = distinct_statements(txt, *statement_ids(batch, texts))
+            if mode in ("statement", "mixed", "statements"):  # as the training loop builds them
+                txt, pos = global_targets(mode, txt, *statement_ids(batch, texts))
             loss = global_loss(img, txt, log_scale.exp(), pos)
             opt.zero_grad()
             loss.backward()

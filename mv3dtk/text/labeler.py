@@ -36,7 +36,7 @@ from mv3dtk.data.ctrate import ABNORMALITIES
 __all__ = ["EXTRA_LABELS", "LABELS", "VERSION", "Mention", "canonical_statements", "compare", "label_text",
            "mentions", "rules_rewrite", "split_sentences"]
 
-VERSION = "2"  # bump when the vocabulary, the rules or the statements change (it keys the rewrite cache)
+VERSION = "2"  # bump when the vocabulary, the rules or the statements change (recorded as labeler-N)
 
 
 def _gap(n: int) -> str:

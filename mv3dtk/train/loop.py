@@ -156,6 +156,17 @@ def distinct_statements(text: torch.Tensor, ids: torch.Tensor, true_ids: torch.T
     return text[keep], positives_from_ids(ids[keep], true_ids)
 
 
+def global_targets(mode: str, text: torch.Tensor, ids: torch.Tensor, true_ids: torch.Tensor):
+    """The global term's texts and positives for the statement modes: text (N, E) with their ids (N,)
+    and true_ids (B, K) -> (texts (T, E), positives (B, T) bool). ``statements``: each distinct
+    statement once (:func:`distinct_statements`). ``statement`` / ``mixed`` (paired, N = B): a
+    statement true of several volumes is a positive for each of them, and each volume's own text is."""
+    if mode == "statements":
+        return distinct_statements(text, ids, true_ids)
+    pos = positives_from_ids(ids, true_ids)  # (B, B)
+    return text, pos | torch.eye(len(pos), dtype=torch.bool, device=pos.device)
+
+
 MAX_STATEMENTS = 64  # per volume, for the positives of the global term (more are rare and ignored)
 
 
@@ -334,12 +345,9 @@ class Trainer:
             enqueue = self._enriched_for_bank(sem)  # pops the private keys
             out.update(sem)
         out = gather_batch(out)
-        if self.cfg.global_text == "statements":  # each distinct statement of the global batch once
-            out["text_global"], out["global_positives"] = distinct_statements(
-                out["text_global"], out.pop("_text_ids"), out.pop("_true_ids"))
-        elif "_text_ids" in out:  # a statement true of several volumes is a positive for each of them
-            pos = positives_from_ids(out.pop("_text_ids"), out.pop("_true_ids"))  # (B, B)
-            out["global_positives"] = pos | torch.eye(len(pos), dtype=torch.bool, device=pos.device)
+        if "_text_ids" in out:  # statements are matched by identity across the gathered batch
+            out["text_global"], out["global_positives"] = global_targets(
+                self.cfg.global_text, out["text_global"], out.pop("_text_ids"), out.pop("_true_ids"))
         return out, enqueue
 
     @torch.no_grad()
