@@ -1,11 +1,9 @@
 """The whole chain learns (issue #6, Deliver 6): synthetic CT-RATE -> prep -> rewrite (rules) ->
 pretrain (vit-tiny, CPU, about 6 minutes) -> zero-shot with the CT-CLIP protocol. Untrained, every AUC
-sits at 0.5 +- noise; the thresholds below are what a working chain clears with a margin (the
-figures come from benchmarks/learnability.py on the same seed). The issue's target, a mean global
-AUC of 0.80, is not quite reached (0.794): nine large or bright findings reach 1.00, the nine
-textural ones inside the lung stay at 0.47-0.71 (see the README's "Learnability" paragraph). A broken loss,
-a text/image misalignment in the loader, a wrong mask bit or a prompt/label mix-up all bring them
-back to chance."""
+sits at 0.5 +- noise. The issue's target, a mean global AUC of 0.80, is asserted; on this seed the chain
+measures 0.847 (0.813 on seed 1), see the README's "Learnability" paragraph. A broken loss, a
+text/image misalignment in the loader, a wrong mask bit, a prompt/label mix-up or a lost lung window
+all take it below."""
 
 from __future__ import annotations
 
@@ -37,21 +35,25 @@ def test_tiny_pretraining_on_synthetic_data_beats_chance_in_zero_shot(tmp_path):
              "--lr", "1e-3", "--workers", "1", "--run", "learn", timeout=1200)
     rows = [json.loads(x) for x in (proj / "pretrain" / "learn" / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
-    assert last["global"] < first["global"] - 0.6  # the contrastive loss really goes down (measured 3.46 -> 2.31)
+    assert last["global"] < first["global"] - 0.6  # the contrastive loss really goes down (measured 3.65 -> 2.33)
 
     torch.manual_seed(0)
     model = load_model(proj / "pretrain" / "learn" / "model").eval()
     glob = zero_shot(model, proj, mode="global")
     loc = zero_shot(model, proj, mode="local")
     assert glob["n_volumes"] == 160 and glob["macro"]["n_classes"] == 18
-    # measured on this seed: global 0.794, local 0.757 (benchmarks/learnability.py --epochs 8)
-    assert glob["macro"]["auroc"] >= 0.75, glob["per_class"]
-    assert loc["macro"]["auroc"] >= 0.71, loc["per_class"]
-    # the large or bright findings are learnt (measured: 0.996-1.000 for all nine)
+    # measured on this seed: global 0.847, local 0.849 (benchmarks/learnability.py)
+    assert glob["macro"]["auroc"] >= 0.80, glob["per_class"]
+    assert loc["macro"]["auroc"] >= 0.78, loc["per_class"]
+    # the large or bright findings are learnt (measured: 0.986-1.000 for these seven on seeds 0 and 1;
+    # cardiomegaly and hiatal hernia vary with the seed, see the README)
     easy = {k: glob["per_class"][k]["auroc"] for k in (
-        "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
-        "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Atelectasis", "Pleural effusion")}
+        "Medical material", "Arterial wall calcification", "Pericardial effusion",
+        "Coronary artery wall calcification", "Lymphadenopathy", "Atelectasis", "Pleural effusion")}
     assert min(easy.values()) >= 0.9, easy
+    # textural lung findings seen through the lung window (measured: 0.871, 0.977, 0.971)
+    lung = {k: glob["per_class"][k]["auroc"] for k in ("Emphysema", "Consolidation", "Interlobular septal thickening")}
+    assert min(lung.values()) >= 0.8, lung
     # organ level (measured: 1.000, 1.000, 1.000)
     organ = [loc["per_class"][k]["auroc"] for k in ("Hiatal hernia", "Pericardial effusion", "Arterial wall calcification")]
     assert min(organ) >= 0.9, organ

@@ -135,7 +135,9 @@ def test_batchnorm_statistics_of_the_conv_stem_survive_save_and_load(model, tmp_
 
 
 def test_the_mlp_text_projection_is_saved_loaded_and_validated(model, tiny_text, tmp_path):
-    assert model.config["text_proj"] == "mlp" and isinstance(model.text_proj, torch.nn.Sequential)
+    assert model.config["text_proj"] == "linear"  # vit-tiny's, the paper's
+    model = MedVista3D({**model.config, "text_proj": "mlp"}).eval()
+    assert isinstance(model.text_proj, torch.nn.Sequential)
     with torch.no_grad():
         model.text_proj[0].bias.add_(0.5)  # away from its initial values
         ref = model.encode_text(TEXTS[:3])
@@ -143,7 +145,7 @@ def test_the_mlp_text_projection_is_saved_loaded_and_validated(model, tiny_text,
     with torch.no_grad():
         torch.testing.assert_close(again.encode_text(TEXTS[:3]), ref)
     assert again.text_identity == model.text_identity
-    linear = MedVista3D({**model.config, "text_proj": "linear"})
+    linear = MedVista3D({**model.config, "text_proj": "linear"})  # vit-tiny's
     assert isinstance(linear.text_proj, torch.nn.Linear) and linear.text_identity != model.text_identity
     with pytest.raises(ConfigError, match="'text_proj'.*linear, mlp"):
         MedVista3D({**model.config, "text_proj": "deep"})

@@ -120,6 +120,25 @@ def test_conv_stem_keeps_the_token_grid_and_learns_batch_statistics():
     assert all(int(m.num_batches_tracked) == 2 for m in bn) and not torch.equal(bn[0].running_mean, torch.zeros(8))
 
 
+def test_input_windows_stretch_the_lung_range_into_a_channel_of_its_own():
+    from mv3dtk.models.base import InputWindows
+
+    win = InputWindows([[-1.0, 1.0], [-1.0, -0.5]])
+    x = torch.tensor([-1.0, -0.95, -0.85, -0.5, 0.04, 1.0]).reshape(1, 1, 1, 1, 6)  # air, emphysema, lung, ..
+    out = win(x)  # (1, 2, 1, 1, 6)
+    torch.testing.assert_close(out[0, 0].flatten(), x.flatten())  # the full window is the input itself
+    torch.testing.assert_close(out[0, 1].flatten(), torch.tensor([-1.0, -0.8, -0.4, 1.0, 1.0, 1.0]))
+    vit = ViT3D(embed_dim=32, depth=1, heads=4, patch_size=(4, 8, 8), input_size=(16, 32, 32), stem=[8, 16, 32],
+                windows=[[-1.0, 1.0], [-1.0, -0.5]])
+    assert vit.patch_embed[0].in_channels == 2 and vit(torch.randn(2, 1, 16, 32, 32)).shape == (2, 64, 32)
+    assert not any("window" in k for k in vit.state_dict())  # rebuilt from the config, not stored
+    with pytest.raises(ValueError, match="lo < hi"):
+        InputWindows([[-0.5, -1.0]])
+    with pytest.raises(ValueError, match="one-channel"):
+        ViT3D(in_chans=2, embed_dim=32, depth=1, heads=4, patch_size=(4, 8, 8), input_size=(16, 32, 32),
+              windows=[[-1.0, 1.0]])
+
+
 def test_meanmax_pooling_concatenates_mean_and_max_over_valid_tokens():
     from mv3dtk.models.dual import pool_tokens, pool_width
 

@@ -39,6 +39,25 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
+class InputWindows(nn.Module):
+    """(B, 1, D, H, W) -> (B, K, D, H, W): the volume seen through K intensity windows, each
+    ``[lo, hi]`` in input units (prep maps its HU window to [-1, 1]: with the default -1000..1000,
+    ``[-1.0, -0.5]`` is the lung window -1000..-500 HU) and mapped back to [-1, 1]. Radiologists read
+    lung texture in a lung window: a 100 HU change in the lung parenchyma is 5 % of the input's
+    range but 20 % of the lung window's."""
+
+    def __init__(self, windows):
+        super().__init__()
+        w = torch.as_tensor(windows, dtype=torch.float32).reshape(-1, 2)  # (K, 2)
+        if not len(w) or bool((w[:, 1] <= w[:, 0]).any()):
+            raise ValueError(f"windows must be a non-empty list of [lo, hi] with lo < hi, not {windows}")
+        self.register_buffer("lo", w[:, 0].reshape(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("hi", w[:, 1].reshape(1, -1, 1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.lo) / (self.hi - self.lo)).clamp(0, 1) * 2 - 1  # (B, K, D, H, W)
+
+
 def padding_attn_mask(keep: torch.Tensor | None) -> torch.Tensor | None:
     """(B, L) bool keep -> a (B, 1, 1, L) boolean mask for ``F.scaled_dot_product_attention``
     (True = may attend)."""

@@ -28,8 +28,9 @@ TEXT_PROJ = ("linear", "mlp")
 
 def text_projection(hidden: int, dim: int, kind: str) -> nn.Module:
     """Text-tower features (N, hidden) -> (N, dim). ``linear``: the paper's. ``mlp``: Linear-GELU-Linear
-    with a 4*dim hidden layer; with a frozen text tower a linear map cannot separate "X is present."
-    from "X is not present." well (benchmarks/text_ceiling.py), a small MLP can."""
+    with a 4*dim hidden layer. With the ``statements`` loss both separate "X is present." from "X is
+    not present." of a frozen tower (benchmarks/text_ceiling.py), and the linear map learns better
+    in the chain (benchmarks/learnability.py: 0.847 against 0.789 for vit-tiny)."""
     if kind == "linear":
         return nn.Linear(hidden, dim, bias=False)
     if kind == "mlp":

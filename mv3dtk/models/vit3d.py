@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Backbone, padding_attn_mask, resize_pos_embed  # noqa: F401 (re-exported)
+from .base import Backbone, InputWindows, padding_attn_mask, resize_pos_embed  # noqa: F401 (re-exported)
 
 
 class Attention(nn.Module):
@@ -49,12 +49,18 @@ class Block(nn.Module):
 class ViT3D(Backbone):
     def __init__(self, *, in_chans: int = 1, embed_dim: int = 768, depth: int = 12, heads: int = 12,
                  mlp_ratio: float = 4.0, patch_size=(16, 16, 16), input_size=(96, 320, 320), qkv_bias: bool = True,
-                 mask_pool_layer: int = -1, grad_checkpointing: bool = False, stem: list[int] | None = None):
+                 mask_pool_layer: int = -1, grad_checkpointing: bool = False, stem: list[int] | None = None,
+                 windows: list[list[float]] | None = None):
         super().__init__()
         self.embed_dim = embed_dim
         self.patch_size = tuple(patch_size)
         self.input_size = tuple(input_size)
         self.grid = self.token_grid(self.input_size)
+        self.windows = InputWindows(windows) if windows else None  # (B, 1, ...) -> (B, K, ...)
+        if self.windows is not None:
+            if in_chans != 1:
+                raise ValueError(f"windows read a one-channel volume, not {in_chans} channels")
+            in_chans = self.windows.lo.shape[1]
         self.patch_embed = patch_embedding(in_chans, embed_dim, self.patch_size, stem)
         self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid), embed_dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -79,6 +85,8 @@ class ViT3D(Backbone):
 
     def forward_early(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         grid = self.token_grid(x.shape[-3:])
+        if self.windows is not None:
+            x = self.windows(x)  # (B, K, D, H, W)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
         x = x + resize_pos_embed(self.pos_embed, self.grid, grid)
         return self._run(self.blocks[: self.split], x), grid
