@@ -40,7 +40,7 @@ def main() -> None:
     from mv3dtk.eval.prompts import ctclip_prompts
     from mv3dtk.models.text import TextEncoder, resolve_text_model
     from mv3dtk.models.medvista3d import text_projection
-    from mv3dtk.train.loop import global_targets, global_texts, statement_ids
+    from mv3dtk.train.targets import global_targets, global_texts, statement_ids
     from mv3dtk.train.losses import global_loss
 
     vols = pl.read_parquet(a.project / "prep" / "volumes.parquet").filter(pl.col("status") == "ok")

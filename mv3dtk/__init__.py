@@ -6,13 +6,11 @@ Public API (importing it is cheap: no torch, no heavy libraries)::
     from mv3dtk import Stage, Artifact, Project, StageContext, pass_stage_context, Mv3dError, load_model
 """
 
-__version__ = "0.1.0"
-
-from .errors import Mv3dError  # noqa: E402
-from .project import Project  # noqa: E402
-from .registry import Artifact, Stage  # noqa: E402
-from .runs import StageContext, pass_stage_context  # noqa: E402
-
+from .errors import Mv3dError
+from .project import Project
+from .registry import Artifact, Stage
+from .runs import StageContext, pass_stage_context
+from .version import __version__
 
 
 def load_model(path, **kwargs):

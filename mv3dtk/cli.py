@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import click
 
-from . import __version__
 from .config import default_map
 from .errors import Mv3dError, PluginError
 from .log import setup_console
 from .project import Project, stage_status
 from .registry import get_registry
 from .runs import wrap_stage
+from .version import __version__
 
 BUILTINS = ("init", "status", "summary", "stages", "plugins")
 TRUTHY = {"1", "true", "yes", "on"}

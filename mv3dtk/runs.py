@@ -22,34 +22,18 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__
 from .config import check_stage_settings, redact_argv, resolved_config
+from .dist import DistInfo
 from .errors import MissingInputError, MissingOutputError
 from .fs import atomic_write_json, clean_temporaries
+from .launch import PARENT_ENV
 from .log import add_file_handler, get_logger, remove_handler
 from .project import Project, fingerprint, utc_now
 from .registry import Registry, Stage
+from .version import __version__
 
 RECORDED_PACKAGES = ("click", "numpy", "torch", "monai", "transformers", "peft", "duckdb", "polars",
                      "nibabel", "nnunetv2")
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in a torchrun job (single process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "DistInfo":
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
 @dataclass
@@ -64,6 +48,7 @@ class StageContext:
     run_dir: Path | None = None
     extra_outputs: dict[str, str] = field(default_factory=dict)
     partial: str | None = None  # set by a run that wrote only part of its outputs (e.g. one shard)
+    root_args: tuple[str, ...] = ()  # mv3d's own flags as given (-v, -q, --debug): a launcher repeats them
 
     @property
     def params(self) -> dict[str, Any]:
@@ -228,7 +213,7 @@ def run_stage(sctx: StageContext, registry: Registry, body: Callable[[], Any]) -
     """Run ``body`` as one recorded stage run inside ``sctx.project`` (rank 0 records)."""
     stage, project = sctx.stage, sctx.project
     inputs = check_inputs(stage, project, registry)
-    if not sctx.dist.is_main or os.environ.get("MV3D_PARENT_RUN"):  # a launcher's child: the launcher records
+    if not sctx.dist.is_main or os.environ.get(PARENT_ENV):  # a launcher's child: the launcher records
         return body()
     lock_name = stage.lock(sctx.params) if stage.lock else stage.name
     with project.stage_lock(lock_name).acquire(holder=f"pid {os.getpid()} on {socket.gethostname()}"):
@@ -254,6 +239,13 @@ def run_stage(sctx: StageContext, registry: Registry, body: Callable[[], Any]) -
         return result
 
 
+def _root_args(root: Any) -> tuple[str, ...]:
+    """``mv3d``'s own flags of this invocation, as a child process would need them."""
+    verbosity = getattr(root, "verbosity", 0)
+    flags = ("--debug",) if getattr(root, "debug", False) else ()
+    return flags + ("-v",) * max(verbosity, 0) + ("-q",) * max(-verbosity, 0)
+
+
 def wrap_stage(stage: Stage, registry: Registry) -> click.Command:
     """Make ``stage.command`` run through :func:`run_stage` (idempotent)."""
     cmd = stage.command
@@ -266,7 +258,8 @@ def wrap_stage(stage: Stage, registry: Registry) -> click.Command:
         ctx = click.get_current_context()
         root = ctx.find_root().obj
         project = Project(root.project) if stage.project else None
-        sctx = StageContext(stage=stage, project=project, config=resolved_config(ctx), dist=DistInfo.from_env())
+        sctx = StageContext(stage=stage, project=project, config=resolved_config(ctx), dist=DistInfo.from_env(),
+                            root_args=_root_args(root))
         ctx.obj = sctx
         if project is None:
             return inner(*args, **kwargs)

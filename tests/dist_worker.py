@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mv3dtk.train.dist import (UnequalBatchError, all_reduce_mean, gather_batch, gather_nograd, gather_with_grad,
-                               init_distributed, is_main)
+from mv3dtk.dist import init_distributed, is_main
+from mv3dtk.train.gather import UnequalBatchError, all_reduce_mean, gather_batch, gather_nograd, gather_with_grad
 from mv3dtk.train.losses import MedVista3DLoss
 from mv3dtk.train.rsmb import SemanticBank
 
@@ -98,7 +98,7 @@ STATEMENTS = [[0, 3], [1, 3], [4], [0, 2], [1, 5], [1, 3], [2, 5], [0]]  # (B,):
 def statements_step(tower: nn.Module, x_g: torch.Tensor, rank: int, b: int) -> dict[str, torch.Tensor]:
     """The global term of ``--global-text statements`` on this rank's b volumes, as the training loop
     runs it: distinct statements per rank, padded for the gather, made distinct again after it."""
-    from mv3dtk.train.loop import MAX_STATEMENTS, batch_statements, distinct_statements, pad_ids, statement_ids
+    from mv3dtk.train.targets import MAX_STATEMENTS, batch_statements, distinct_statements, pad_ids, statement_ids
     from mv3dtk.train.losses import global_loss
 
     x = x_g.clone().requires_grad_(True)

@@ -151,7 +151,7 @@ def test_pretrain_needs_prep_first(tmp_path):
 
 
 def test_global_texts_draw_statements_reproducibly_and_know_their_positives():
-    from mv3dtk.train.loop import global_texts, positives_from_ids, statement_ids
+    from mv3dtk.train.targets import global_texts, positives_from_ids, statement_ids
 
     batch = {"index": torch.tensor([0, 1, 2]), "report": ["r0", "r1", "r2"],
              "enriched": ["Emphysema is present. Atelectasis is not present.",
@@ -188,7 +188,7 @@ def test_pretrain_with_statements_as_the_global_text(project, mode):
 
 
 def test_statements_of_the_batch_are_distinct_and_know_which_volumes_they_describe():
-    from mv3dtk.train.loop import MAX_STATEMENTS, distinct_statements, global_texts, pad_ids, statement_ids
+    from mv3dtk.train.targets import MAX_STATEMENTS, distinct_statements, global_texts, pad_ids, statement_ids
 
     rank0 = {"index": torch.tensor([0, 1]), "report": ["r0", "r1"],
              "enriched": ["Emphysema is present. Atelectasis is not present.",

@@ -13,49 +13,63 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..data.datasets import PretrainDataset, batches_per_epoch, make_loader
+from ..dist import DistInfo
 from ..errors import Mv3dError
-from ..runs import DistInfo
+from ..fs import atomic_write_text
+from ..text.index import index_path, load_matrix  # TODO index pkg
+from ..models.medvista3d import MedVista3D, load_weights
+from ..tracking import Tracker
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .gather import gather_batch, gather_nograd
+from .losses import MedVista3DLoss
+from .options import GLOBAL_TEXTS, LOSS_TERMS
+from .plots import plot_metrics
+from .rsmb import SemanticBank
+from .targets import MAX_STATEMENTS, STATEMENT_MODES, global_targets, global_texts, pad_ids, statement_ids
 
-LOSS_NAMES = ("global", "local", "global-semantic", "local-semantic")
-GLOBAL_TEXTS = ("report", "enriched", "statement", "mixed", "statements")
+GRAD_CLIP = 1.0  # global gradient-norm clip
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
+    """Everything a run needs, resolved (the stage's options and the model config): built by
+    :func:`mv3dtk.train.pretrain.train_config`, where the defaults live."""
+
     model: dict
-    losses: tuple[str, ...] = LOSS_NAMES
-    batch_size: int = 32
-    epochs: int = 16
-    max_steps: int | None = None
-    lr: float = 5e-5
-    weight_decay: float = 1e-5
-    warmup_steps: int = 200
-    rsmb_size: int = 65536
-    rsmb_init: str = "none"
-    init_from: str | None = None
-    precision: str = "bf16"
-    grad_clip: float = 1.0
-    workers: int = 4
-    seed: int = 0
-    checkpoint_every: int = 500
-    compile: bool = False
-    freeze_text: bool = False
-    global_text: str = "report"
-    extra: dict = field(default_factory=dict)
+    losses: tuple[str, ...]
+    batch_size: int
+    epochs: int
+    max_steps: int | None
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    rsmb_size: int
+    rsmb_init: str
+    init_from: str | None
+    precision: str
+    workers: int
+    seed: int
+    checkpoint_every: int
+    compile: bool
+    freeze_text: bool
+    global_text: str
+    grad_clip: float = GRAD_CLIP
 
     def resume_key(self) -> dict:
         """What must match to resume (not max_steps, workers or checkpoint cadence)."""
         d = asdict(self)
-        for k in ("max_steps", "workers", "checkpoint_every", "compile", "extra"):
+        for k in ("max_steps", "workers", "checkpoint_every", "compile"):
             d.pop(k)
+        # the fingerprint keeps the loss spelling of runs begun before the names were unified, so they still resume
+        d["losses"] = tuple(t.replace("_", "-") for t in self.losses)
         if d["global_text"] == "report":  # the default: runs begun before the option existed still resume
             d.pop("global_text")
         return d
@@ -94,112 +108,6 @@ class FrozenTextFeatures:
         return torch.stack([self.cache[t] for t in texts]).to(self.device)  # (N, H)
 
 
-def global_texts(batch: dict, mode: str, seed: int, step: int) -> list[str]:
-    """The text each volume of ``batch`` is aligned with by the global term (B,); for
-    ``statements``, the batch's distinct statements (T,) (:func:`batch_statements`).
-
-    ``report``: its source report (the paper). ``enriched``: the whole enriched report. ``statement``:
-    one sentence of the enriched report, drawn afresh at every step (CXR-CLIP style), so that the image
-    meets single presence/absence statements, the form zero-shot prompts take. ``mixed``: either, with
-    even odds. Draws depend only on (seed, step, volume), so a resumed or distributed run repeats them."""
-    import random
-
-    from ..text.labeler import split_sentences
-
-    if mode == "statements":
-        return batch_statements(batch)
-    if mode == "report":
-        return list(batch["report"])
-    if mode == "enriched":
-        return list(batch["enriched"])
-    out = []
-    for i, text in zip(batch["index"].tolist(), batch["enriched"]):
-        rng = random.Random(f"{seed}:{step}:{i}")
-        sentences = split_sentences(text)
-        whole = not sentences or (mode == "mixed" and rng.random() < 0.5)
-        out.append(text if whole else rng.choice(sentences))
-    return out
-
-
-def batch_statements(batch: dict) -> list[str]:
-    """``--global-text statements``: every distinct sentence of the batch's enriched reports, in order
-    of first appearance (1 <= T < B * MAX_STATEMENTS). The global term then aligns each volume with all
-    of its own statements at once (:func:`mv3dtk.train.losses.set_nce`), a dense signal per step.
-    Only the sentences :func:`statement_ids` knows as true are used; a batch without any gives the
-    empty text, which the loss drops (its id is the padding's)."""
-    from ..text.labeler import split_sentences
-
-    keep = MAX_STATEMENTS - 1  # statement_ids stores the whole text's id, then this many sentences
-    return list(dict.fromkeys(x for text in batch["enriched"] for x in split_sentences(text)[:keep])) or [""]
-
-
-def first_of_each(ids: torch.Tensor) -> torch.Tensor:
-    """ids (T,) int64 -> (T,) bool: the first occurrence of each id that is not the padding's."""
-    _, inverse = torch.unique(ids, return_inverse=True)
-    pos = torch.arange(len(ids), device=ids.device)
-    first = torch.full((int(inverse.max()) + 1 if len(ids) else 0,), len(ids), device=ids.device)
-    first = first.scatter_reduce(0, inverse, pos, reduce="amin")
-    return (first[inverse] == pos) & (ids != EMPTY_ID)
-
-
-def pad_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
-    """ids (T,) int64 -> (T + n,) padded with EMPTY_ID (exactly: F.pad's value is a float, which
-    would round a 64-bit id)."""
-    return torch.cat([ids, torch.full((n,), EMPTY_ID, dtype=ids.dtype, device=ids.device)])
-
-
-def distinct_statements(text: torch.Tensor, ids: torch.Tensor, true_ids: torch.Tensor):
-    """Gathered statement embeddings text (N, E) with their ids (N,) (padding and repeats across ranks
-    included), and what is true of each volume true_ids (B, K) -> the distinct statements (T, E) and
-    positives (B, T) bool: statement t is one of volume b's."""
-    keep = first_of_each(ids)
-    return text[keep], positives_from_ids(ids[keep], true_ids)
-
-
-def global_targets(mode: str, text: torch.Tensor, ids: torch.Tensor, true_ids: torch.Tensor):
-    """The global term's texts and positives for the statement modes: text (N, E) with their ids (N,)
-    and true_ids (B, K) -> (texts (T, E), positives (B, T) bool). ``statements``: each distinct
-    statement once (:func:`distinct_statements`). ``statement`` / ``mixed`` (paired, N = B): a
-    statement true of several volumes is a positive for each of them, and each volume's own text is."""
-    if mode == "statements":
-        return distinct_statements(text, ids, true_ids)
-    pos = positives_from_ids(ids, true_ids)  # (B, B)
-    return text, pos | torch.eye(len(pos), dtype=torch.bool, device=pos.device)
-
-
-MAX_STATEMENTS = 64  # per volume, for the positives of the global term (more are rare and ignored)
-
-
-def text_hash(text: str) -> int:
-    """A stable 64-bit id of a text (the same in every process, unlike ``hash``)."""
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b(text.strip().encode("utf-8"), digest_size=8).digest(), "little", signed=True)
-
-
-EMPTY_ID = text_hash("")  # pads the statement ids; never a positive
-
-
-def statement_ids(batch: dict, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ids of the global texts (B,) int64, and of what is true of each volume (B, K) int64: its
-    enriched report and each of its sentences, padded with the id of the empty text."""
-    from ..text.labeler import split_sentences
-
-    true = torch.full((len(batch["enriched"]), MAX_STATEMENTS), EMPTY_ID, dtype=torch.long)
-    for i, enriched in enumerate(batch["enriched"]):
-        ids = [text_hash(enriched)] + [text_hash(x) for x in split_sentences(enriched)]
-        ids = ids[:MAX_STATEMENTS]
-        true[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return torch.tensor([text_hash(t) for t in texts], dtype=torch.long), true
-
-
-def positives_from_ids(text_ids: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
-    """text_ids (T,), true_ids (B, K) -> (B, T) bool: global text j is one of volume i's statements.
-    An empty text (the padding's id) is nobody's positive; with paired texts (T = B) the training
-    loop adds the diagonal, so an empty text is still its own volume's."""
-    return (true_ids[:, :, None] == text_ids[None, None, :]).any(1) & (text_ids != EMPTY_ID)[None, :]
-
-
 def _region_inputs(batch: dict, key: str) -> tuple[list[str], torch.Tensor]:
     """Valid region texts of the batch, flattened, and their (sample, region) index (M, 2)."""
     index = batch["region_valid"].nonzero()  # (M, 2)
@@ -208,13 +116,10 @@ def _region_inputs(batch: dict, key: str) -> tuple[list[str], torch.Tensor]:
 
 
 class Trainer:
-    def __init__(self, project_root: Path, run_dir: Path, cfg: TrainConfig, dist: DistInfo, log, resume: bool):
-        from ..data.datasets import PretrainDataset
-        from ..models.medvista3d import MedVista3D
-        from .losses import MedVista3DLoss
-        from .rsmb import SemanticBank
-
+    def __init__(self, project_root: Path, run_dir: Path, cfg: TrainConfig, dist: DistInfo, log, resume: bool,
+                 tracker: Tracker | None = None):
         self.cfg, self.dist, self.log, self.run_dir = cfg, dist, log, run_dir
+        self.tracker = tracker or Tracker()
         self.device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
         self.amp = cfg.precision == "bf16" and self.device.type == "cuda"
         torch.manual_seed(cfg.seed)
@@ -240,12 +145,10 @@ class Trainer:
         self.bank = SemanticBank(cfg.rsmb_size, int(cfg.model["embed_dim"])).to(self.device)
         if cfg.rsmb_init == "index" and not resume:  # a resumed run restores its own bank
             self._warm_start_bank(project_root)
-        self.loss_fn = MedVista3DLoss(**{f"use_{n.replace('-', '_')}": n in cfg.losses for n in LOSS_NAMES})
+        self.loss_fn = MedVista3DLoss(**{f"use_{n}": n in cfg.losses for n in LOSS_TERMS})
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type == "cuda")
-        from ..data.datasets import batches_per_epoch
-
         if cfg.batch_size % dist.world_size:
             raise Mv3dError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the "
                             f"{dist.world_size} processes")
@@ -268,16 +171,12 @@ class Trainer:
 
     def _init_from(self, path: Path) -> None:
         """Start from a saved model's weights (its text tower is already the config's text model)."""
-        from ..models.medvista3d import load_weights
-
         load_weights(self.model, path, map_location=self.device)
         self.log.info("initialised from %s", path)
 
     def _warm_start_bank(self, root: Path) -> None:
         """Fill the RSMB with the enriched texts that ``mv3d index-texts`` embedded with this very
         text tower (same encoder identity), newest last; Algorithm 1 then continues from there."""
-        from ..text.index import index_path, load_matrix
-
         ident = self.model.text_identity
         try:
             _, _, emb = load_matrix(index_path(root), ident, origins=("enriched", "region_enriched"))
@@ -302,8 +201,6 @@ class Trainer:
         self.step, self.epoch, self.batch = meta["step"], meta["epoch"], meta["batch"]
         metrics = self.run_dir / "metrics.jsonl"
         if self.dist.is_main and metrics.is_file():  # drop what the interrupted run logged after the checkpoint
-            from ..fs import atomic_write_text
-
             keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
             atomic_write_text(metrics, "".join(ln + "\n" for ln in keep))
         self.log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch)
@@ -323,8 +220,6 @@ class Trainer:
 
     def _forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """-> the gathered loss inputs, and the gathered enriched embeddings to enqueue."""
-        from .dist import gather_batch
-
         dev = self.device
         image = batch["image"].to(dev, non_blocking=True)  # (B, 1, D, H, W)
         masks = batch["mask"].to(dev, non_blocking=True)  # (B, D, H, W)
@@ -333,25 +228,29 @@ class Trainer:
             report = global_texts(batch, self.cfg.global_text, self.cfg.seed, self.step)  # (B,) or (T,)
             out = self.net(image, masks, self._texts(report, dev),
                            self._texts(texts, dev) if texts else None, index.to(dev))
-        if self.cfg.global_text in ("statement", "mixed", "statements"):
-            out["_text_ids"], out["_true_ids"] = (t.to(dev) for t in statement_ids(batch, report))
+        ids = None
+        if self.cfg.global_text in STATEMENT_MODES:  # statements are matched by identity across the gathered batch
+            ids = dict(zip(("text", "true"), (t.to(dev) for t in statement_ids(batch, report))))
         if self.cfg.global_text == "statements":  # (T, E) -> a fixed (B * MAX_STATEMENTS, E) that ranks can gather
             pad = len(batch["enriched"]) * MAX_STATEMENTS - len(report)
             out["text_global"] = F.pad(out["text_global"], (0, 0, 0, pad))
-            out["_text_ids"] = pad_ids(out["_text_ids"], pad)
+            ids["text"] = pad_ids(ids["text"], pad)
         enqueue = None
         if self.semantic:
-            sem = self._semantic(batch, out)
-            enqueue = self._enriched_for_bank(sem)  # pops the private keys
-            out.update(sem)
+            neighbours, fresh = self._semantic(batch, out)
+            enqueue = self._enriched_for_bank(*fresh)
+            out.update(neighbours)
         out = gather_batch(out)
-        if "_text_ids" in out:  # statements are matched by identity across the gathered batch
+        if ids is not None:
+            ids = gather_batch(ids)
             out["text_global"], out["global_positives"] = global_targets(
-                self.cfg.global_text, out["text_global"], out.pop("_text_ids"), out.pop("_true_ids"))
+                self.cfg.global_text, out["text_global"], ids["text"], ids["true"])
         return out, enqueue
 
     @torch.no_grad()
-    def _semantic(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
+    def _semantic(self, batch: dict, out: dict) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """The RSMB's nearest neighbours of the batch's enriched texts (the semantic terms' inputs), and those
+        enriched embeddings themselves (global (B, E), local (B, R, E) with their validity (B, R)) for the bank."""
         t_hat = self._encode_texts(batch["enriched"])  # (B, E)
         nn_g, found_g = self.bank.query(t_hat)
         texts, index = _region_inputs(batch, "enriched_regions")
@@ -364,16 +263,13 @@ class Trainer:
             nn, found = self.bank.query(emb)
             idx = (index[:, 0].to(self.device), index[:, 1].to(self.device))
             t_loc[idx], nn_l[idx], found_l[idx] = emb, nn, found
-        return {"enriched_global_nn": nn_g, "enriched_global_found": found_g, "enriched_local_nn": nn_l,
-                "enriched_local_found": found_l, "_t_hat": t_hat, "_t_hat_local": t_loc,
-                "_t_hat_local_valid": out["text_local_valid"].clone()}
+        neighbours = {"enriched_global_nn": nn_g, "enriched_global_found": found_g, "enriched_local_nn": nn_l,
+                      "enriched_local_found": found_l}
+        return neighbours, (t_hat, t_loc, out["text_local_valid"].clone())
 
-    def _enriched_for_bank(self, out: dict) -> torch.Tensor:
-        from .dist import gather_nograd
-
-        g = gather_nograd(out.pop("_t_hat"))
-        loc = gather_nograd(out.pop("_t_hat_local"))
-        valid = gather_nograd(out.pop("_t_hat_local_valid"))
+    def _enriched_for_bank(self, t_hat: torch.Tensor, t_loc: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """What Algorithm 1 enqueues: every rank's enriched global and valid local embeddings (N, E)."""
+        g, loc, valid = gather_nograd(t_hat), gather_nograd(t_loc), gather_nograd(valid)
         return torch.cat([g, loc[valid]])
 
     def train_step(self, batch: dict) -> dict[str, float]:
@@ -395,9 +291,11 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Train to the last step; returns the last step's metrics ({} when the run had already finished)."""
         self.model.train()
         if self.frozen_text is not None:
             self.model.text.eval()  # no dropout: the cached features are the tower's exact output
+        self.meter = Throughput(self.cfg.batch_size, self.step)
         last: dict[str, Any] = {}
         while self.step < self.total:
             last = self._epoch() or last
@@ -409,8 +307,6 @@ class Trainer:
         return last
 
     def _epoch(self) -> dict[str, Any]:
-        from ..data.datasets import make_loader
-
         loader = make_loader(self.data, batch_size=self.local_batch, seed=self.cfg.seed, epoch=self.epoch,
                              skip_batches=self.batch, workers=self.cfg.workers, rank=self.dist.rank,
                              world_size=self.dist.world_size, pin_memory=self.device.type == "cuda")
@@ -426,20 +322,22 @@ class Trainer:
             last = {"step": self.step, "epoch": self.epoch, **terms, "lr": self.sched.get_last_lr()[0],
                     "temperature": float(torch.exp(-self.model.logit_scale.detach())),
                     "volumes_per_s": self.cfg.batch_size / (t_done - t_end),
-                    "data_wait": (t_data - t_end) / (t_done - t_end)}
+                    "data_wait": (t_data - t_end) / (t_done - t_end),
+                    "run_volumes_per_s": self.meter.run_rate(self.step, t_done)}
             t_end = t_done
             if self.dist.is_main:
-                self._log_step(last)
+                self._log_step(last, t_done)
             if self.step >= self.total:
                 break
         return last
 
-    def _log_step(self, m: dict[str, Any]) -> None:
+    def _log_step(self, m: dict[str, Any], now: float) -> None:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(m) + "\n")
+        self.tracker.log(self.step, m)
         if self.step % max(1, self.total // 20) == 0 or self.step == self.total:
             self.log.info("step %d/%d loss %.4f lr %.2e %.1f vol/s data-wait %.0f%%", self.step, self.total,
-                          m["loss"], m["lr"], m["volumes_per_s"], 100 * m["data_wait"])
+                          m["loss"], m["lr"], self.meter.interval_rate(self.step, now), 100 * m["data_wait"])
         if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total:
             self._checkpoint()
 
@@ -448,22 +346,22 @@ class Trainer:
                         step=self.step, epoch=self.epoch, batch=self.batch, config=self.cfg.resume_key())
 
 
-def plot_metrics(metrics: Path, png: Path) -> None:
-    import matplotlib
+class Throughput:
+    """Wall-clock volumes per second (global batch), data loading and start-up included: over the logging
+    interval (what the log line shows) and over the whole run so far (what a user plans a run with)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, batch_size: int, step: int, now: float | None = None):
+        self.batch_size = batch_size
+        self.start = self.mark = (step, time.perf_counter() if now is None else now)
 
-    from ..fs import atomic_path
+    def run_rate(self, step: int, now: float) -> float:
+        return self._rate(self.start, step, now)
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key in ("loss", "global", "local", "global_semantic", "local_semantic"):
-        if rows and key in rows[0]:
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
-    ax.set(xlabel="step", ylabel="loss", title="MedVista3D pretraining")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    def interval_rate(self, step: int, now: float) -> float:
+        """The rate since the previous call (or the start), then a new interval begins."""
+        rate = self._rate(self.mark, step, now)
+        self.mark = (step, now)
+        return rate
+
+    def _rate(self, since: tuple[int, float], step: int, now: float) -> float:
+        return (step - since[0]) * self.batch_size / max(now - since[1], 1e-9)

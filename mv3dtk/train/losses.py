@@ -69,6 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .options import LOSS_TERMS
+
 MAX_LOGIT_SCALE = 100.0
 
 __all__ = [
@@ -214,7 +216,7 @@ class MedVista3DLoss(nn.Module):
     "global_semantic", "local_semantic"} (tensors with graph; detaching for logs is the caller's).
     """
 
-    TERMS = ("global", "local", "global_semantic", "local_semantic")
+    TERMS = LOSS_TERMS
     WEIGHTS = {"global": 0.5, "local": 0.5, "global_semantic": 1.0, "local_semantic": 1.0}  # eq. 16
 
     def __init__(self, *, use_global: bool = True, use_local: bool = True, use_global_semantic: bool = True,

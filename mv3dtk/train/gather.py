@@ -1,8 +1,4 @@
-"""Distributed helpers for torchrun (DESIGN §6).
-
-Single process by default; under ``torchrun`` (WORLD_SIZE > 1) :func:`init_distributed` creates the
-process group (nccl with CUDA, gloo on CPU). Every helper is the identity / a no-op when no process
-group exists, so the training loop is written once.
+"""Collectives for the training loop: all-gathers with and without gradients, means over ranks.
 
 Contrastive negatives span the global batch: each rank gathers the embeddings of all ranks with
 :func:`gather_with_grad` and computes the **same** loss on the same global batch. The backward
@@ -10,7 +6,8 @@ of the gather sums the incoming gradients over ranks (``all_reduce(SUM)``) and k
 slice, so a rank's input gradient is ``world_size ×`` the single-process gradient of the loss on
 the concatenated batch; DDP's mean over ranks of the parameter gradients then gives exactly the
 single-process parameter gradients (tested in ``tests/test_dist.py``). Integer/bool tensors and
-bank updates go through :func:`gather_nograd`.
+bank updates go through :func:`gather_nograd`. Every helper is the identity when no process group
+exists (rank and process-group helpers: :mod:`mv3dtk.dist`).
 
 Equal per-rank batch sizes are required (use ``drop_last=True`` in the DataLoader / sampler):
 the gathers check this with an all-gather of the shapes and raise :class:`UnequalBatchError`
@@ -19,68 +16,22 @@ on every rank otherwise (no hang).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..dist import is_distributed
 from ..errors import Mv3dError
-from ..runs import DistInfo
 
-__all__ = [
-    "DistInfo", "UnequalBatchError", "init_distributed", "is_distributed", "get_world_size", "get_rank", "is_main",
-    "barrier", "AllGatherGrad", "gather_with_grad", "gather_nograd", "gather_batch", "all_reduce_mean",
-]
+__all__ = ["UnequalBatchError", "AllGatherGrad", "gather_with_grad", "gather_nograd", "gather_batch", "all_reduce_mean"]
 
 _MAX_DIMS = 8
 
 
 class UnequalBatchError(Mv3dError, ValueError):
     """Ranks hold tensors of different shapes where an all-gather needs equal ones."""
-
-
-def init_distributed(backend: str | None = None) -> DistInfo:
-    """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun) and, if WORLD_SIZE > 1 and no process
-    group exists yet, create one (``backend`` or nccl with CUDA, else gloo). With CUDA the current
-    device is set from LOCAL_RANK. Touches no other global state; returns the :class:`DistInfo`."""
-    info = DistInfo.from_env()
-    cuda = torch.cuda.is_available()
-    if cuda and info.world_size > 1:
-        torch.cuda.set_device(info.local_rank)
-    if info.world_size > 1 and dist.is_available() and not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
-            raise Mv3dError("WORLD_SIZE > 1 but no rendezvous address is set; start multi-process runs with "
-                            "torchrun (e.g. torchrun --nproc_per_node 2 -m mv3dtk ...)")
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
-    if is_distributed():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), info.local_rank)
-    return info
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def is_main() -> bool:
-    """Rank 0 (the only rank that writes files and shows progress)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return DistInfo.from_env().is_main
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def _check_equal_shapes(t: Tensor) -> None:
