@@ -64,8 +64,8 @@ def main() -> None:
               "--batch-size", "16", "--epochs",
               str(a.epochs), "--warmup-steps", "20", "--lr", "1e-3", "--workers", "1", "--seed", str(a.seed)]
     rows = []
-    for name, losses in (("all four terms", "global,local,global-semantic,local-semantic"),
-                         ("no local terms", "global,global-semantic")):
+    for name, losses in (("all four terms", "global,local,global_semantic,local_semantic"),
+                         ("no local terms", "global,global_semantic")):
         if a.only not in (None, name):
             continue
         run = name.replace(" ", "-")

@@ -8,6 +8,6 @@ N=${2:-8}
 mv3d -P "$P" pretrain --nproc "$N" --run ablation-global        --losses global
 mv3d -P "$P" pretrain --nproc "$N" --run ablation-global-local  --losses global,local
 mv3d -P "$P" pretrain --nproc "$N" --run ablation-no-semantic   --losses global,local
-mv3d -P "$P" pretrain --nproc "$N" --run ablation-global-sem    --losses global,global-semantic
-mv3d -P "$P" pretrain --nproc "$N" --run ablation-full          --losses global,local,global-semantic,local-semantic
+mv3d -P "$P" pretrain --nproc "$N" --run ablation-global-sem    --losses global,global_semantic
+mv3d -P "$P" pretrain --nproc "$N" --run ablation-full          --losses global,local,global_semantic,local_semantic
 mv3d -P "$P" status

@@ -53,12 +53,15 @@ def _losses(run_dir):
 
 def test_pretrain_writes_metrics_checkpoints_and_a_loadable_model(project):
     p, bert = project
-    _pretrain(p, bert, "--max-steps", "4", "--checkpoint-every", "2", "--run", "r1")
+    proc = _pretrain(p, bert, "--max-steps", "4", "--checkpoint-every", "2", "--run", "r1", "--report-to",
+                     "tensorboard")
     run = p.root / "pretrain" / "r1"
     rows = _losses(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert {"loss", "global", "local", "global_semantic", "local_semantic", "lr", "temperature", "volumes_per_s",
-            "data_wait"} <= set(rows[0])
+            "data_wait", "run_volumes_per_s"} <= set(rows[0])
+    assert f"{rows[-1]['run_volumes_per_s']:.1f} volumes/s over the run" in proc.stderr
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # --report-to tensorboard
     assert sorted(c.name for c in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     model = load_model(run / "model")
