@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..errors import Mv3dError
 from ..fs import atomic_path
@@ -37,8 +38,6 @@ def rng_state() -> dict[str, Any]:
 
 def save_checkpoint(run_dir: Path, *, model, optimizer, scheduler, bank, step: int, epoch: int, batch: int,
                     config: dict) -> Path:
-    from safetensors.torch import save_file
-
     target = run_dir / "checkpoints" / f"step-{step:08d}"
     with atomic_path(target) as tmp:
         tmp.mkdir()
@@ -61,8 +60,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, bank, config: dict) -> dict:
-    from safetensors.torch import load_file
-
     meta = json.loads((path / "trainer.json").read_text())
     if meta["config"] != config_fingerprint(config):
         raise Mv3dError(f"cannot resume from {path}: it was trained with other settings (model, losses, batch size, "
