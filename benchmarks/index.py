@@ -66,7 +66,7 @@ def throughput(enc, texts: list[str], batch_size: int = 64) -> float:
 def add_filler(db: Path, enc, n: int, seed: int = 0) -> None:
     """``n`` random unit vectors stored under ``enc``'s identity (search cost depends on the count,
     not on where the vectors came from)."""
-    from mv3dtk.text.index import make_item, open_writer, register_encoder, write_embeddings
+    from mv3dtk.index import make_item, open_writer, register_encoder, write_embeddings
 
     rng = np.random.default_rng(seed)
     with open_writer(db) as con:
@@ -92,7 +92,8 @@ def search_figures(root: Path, enc, queries: list[str], k: int = 5) -> None:
     import duckdb
     import torch
 
-    from mv3dtk.text.index import TextSearcher, _encode_queries, index_path, search
+    from mv3dtk.index import TextSearcher, index_path, search
+    from mv3dtk.index.search import _encode_queries
 
     db = index_path(root)
     it = iter(queries * 10)
@@ -144,7 +145,7 @@ def main() -> None:
     import torch
 
     from mv3dtk.text.encoders import resolve_encoder
-    from mv3dtk.text.index import build_index, index_path
+    from mv3dtk.index import build_index, index_path
 
     print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}")

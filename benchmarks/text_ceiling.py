@@ -37,7 +37,7 @@ def main() -> None:
     from sklearn.metrics import roc_auc_score
 
     from mv3dtk.data.ctrate import ABNORMALITIES
-    from mv3dtk.eval.prompts import ctclip_prompts
+    from mv3dtk.text.zeroshot_prompts import ctclip_prompts
     from mv3dtk.models.text import TextEncoder, resolve_text_model
     from mv3dtk.models.medvista3d import text_projection
     from mv3dtk.train.targets import global_targets, global_texts, statement_ids

@@ -24,8 +24,8 @@ from mv3dtk import Project
 from mv3dtk.data.ctrate import ABNORMALITIES
 from mv3dtk.data.synth import make_synthetic_dataset
 from mv3dtk.errors import ConfigError, MissingInputError, Mv3dError
-from mv3dtk.eval.prompts import ctclip_prompts
-from mv3dtk.text import index as ix
+from mv3dtk.text.zeroshot_prompts import ctclip_prompts
+from mv3dtk import index as ix
 from mv3dtk.text.encoders import HFEncoder, MV3DEncoder, resolve_encoder
 
 
@@ -313,7 +313,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     from mv3dtk.errors import Mv3dError
     from mv3dtk.text.encoders import HFEncoder
-    from mv3dtk.text.index import build_index
+    from mv3dtk.index import build_index
 
     project, model, marker, delay, wait = sys.argv[1:6]
 

@@ -23,7 +23,7 @@ from mv3dtk.data.store import VolumeStore
 from mv3dtk.data.synth import make_synthetic_dataset
 from mv3dtk.eval import retrieval
 from mv3dtk.eval.encode import load_labels
-from mv3dtk.eval.prompts import ctclip_prompts
+from mv3dtk.text.zeroshot_prompts import ctclip_prompts
 from mv3dtk.eval.zeroshot import LOCAL_ORGANS, PER_CLASS_COLUMNS, resolve_model_dir, zero_shot
 from mv3dtk.models.factory import get_model_config
 from mv3dtk.models.medvista3d import MedVista3D

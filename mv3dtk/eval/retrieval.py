@@ -159,7 +159,7 @@ def index_report_embeddings(project_root: str | Path, encoder: str, volume_ids: 
     found (V,) bool). The text id hashes the text itself, so a report changed since the index was
     built is simply not found (a stale row is never used). None when there is no usable index."""
     from ..errors import Mv3dError
-    from ..text.index import fetch_embeddings, index_path, text_id
+    from ..index import fetch_embeddings, index_path, text_id
 
     db = index_path(project_root)
     if not db.is_file():

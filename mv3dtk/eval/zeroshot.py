@@ -85,7 +85,7 @@ def fvlm_prompts(labels: Sequence[str] = tuple(LOCAL_ORGANS)) -> list[Prompt]:
 
 
 def _ctclip(labels: Sequence[str], templates: Sequence[str] | str | None = None) -> list[Prompt]:
-    from .prompts import CTCLIP_TEMPLATES, ctclip_prompts
+    from ..text.zeroshot_prompts import CTCLIP_TEMPLATES, ctclip_prompts
 
     if isinstance(templates, str):
         templates = tuple(templates.split("|"))

@@ -64,7 +64,7 @@ def command(sctx: StageContext, encoder, origins, batch_size, device, rebuild, j
     """Embed every report, enriched report, region sentence, enriched region sentence and zero-shot
     prompt once per encoder into index/texts.duckdb (incremental). Subcommands search and stats
     read the index."""
-    from ..text.index import build_index
+    from ..index import build_index
 
     summary = build_index(sctx.project.root, encoder=encoder, origins=origins, batch_size=batch_size, device=device,
                           rebuild=rebuild, log=sctx.log)
@@ -86,7 +86,7 @@ def command(sctx: StageContext, encoder, origins, batch_size, device, rebuild, j
 @click.option("--json", "json_", is_flag=True, help="Print the hits as JSON to stdout.")
 def search_command(query, k, scope, region, origins, encoder, device, json_):
     """The stored texts nearest to QUERY by cosine similarity, with their scores (read-only)."""
-    from ..text.index import format_hits, search
+    from ..index import format_hits, search
 
     build_defaults = click.get_current_context().parent.default_map or {}
     encoder = encoder or build_defaults.get("encoder") or "default"
@@ -99,7 +99,7 @@ def search_command(query, k, scope, region, origins, encoder, device, json_):
 @click.option("--json", "json_", is_flag=True, help="Print JSON to stdout.")
 def stats_command(json_):
     """Rows per encoder, origin and scope (read-only)."""
-    from ..text.index import format_stats, index_path, index_stats
+    from ..index import format_stats, index_path, index_stats
 
     stats = index_stats(index_path(_project().root))
     click.echo(json.dumps(stats, indent=2) if json_ else format_stats(stats))

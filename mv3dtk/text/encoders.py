@@ -26,7 +26,7 @@ MV3D_MODEL_FILES = ("config.json", "model.safetensors", "text")
 
 @runtime_checkable
 class IndexEncoder(Protocol):
-    """What :func:`mv3dtk.text.index.build_index` and the search need from an encoder."""
+    """What :func:`mv3dtk.index.build_index` and the search need from an encoder."""
 
     identity: str  # stored in the index's ``encoder`` column
     dim: int  # embedding width E

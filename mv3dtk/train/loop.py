@@ -24,7 +24,7 @@ from ..data.datasets import PretrainDataset, batches_per_epoch, make_loader
 from ..dist import DistInfo
 from ..errors import Mv3dError
 from ..fs import atomic_write_text
-from ..text.index import index_path, load_matrix  # TODO index pkg
+from ..index import index_path, load_matrix
 from ..models.medvista3d import MedVista3D, load_weights
 from ..tracking import Tracker
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
