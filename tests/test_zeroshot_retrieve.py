@@ -24,7 +24,8 @@ from mv3dtk.data.synth import make_synthetic_dataset
 from mv3dtk.eval import retrieval
 from mv3dtk.eval.encode import load_labels
 from mv3dtk.text.zeroshot_prompts import ctclip_prompts
-from mv3dtk.eval.zeroshot import LOCAL_ORGANS, PER_CLASS_COLUMNS, resolve_model_dir, zero_shot
+from mv3dtk.eval.runs import resolve_model_dir
+from mv3dtk.eval.zeroshot import LOCAL_ORGANS, PER_CLASS_COLUMNS, zero_shot
 from mv3dtk.models.factory import get_model_config
 from mv3dtk.models.medvista3d import MedVista3D
 from mv3dtk.models.text import make_tiny_bert

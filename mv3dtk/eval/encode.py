@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import polars as pl
 import torch
+from torch.utils.data import DataLoader
 
+from ..data.datasets import PretrainDataset, collate
 from ..errors import DataError, Mv3dError
 from ..log import get_logger, progress
 
@@ -60,8 +63,6 @@ def _autocast(device: torch.device, precision: str):
 
 def open_split(project_root: str | Path, split: str):
     """The split's usable volumes (status ok), as pretraining reads them; an error if there are none."""
-    from ..data.datasets import PretrainDataset
-
     ds = PretrainDataset(project_root, split=split, enriched=False)
     if not len(ds):
         raise DataError(f"split {split!r} of {Path(project_root) / 'prep/volumes.parquet'} has no volume with "
@@ -70,10 +71,6 @@ def open_split(project_root: str | Path, split: str):
 
 
 def _batches(ds, batch_size: int, workers: int) -> Iterator[dict]:
-    from torch.utils.data import DataLoader
-
-    from ..data.datasets import collate
-
     yield from DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers)
 
 
@@ -206,8 +203,6 @@ def encode_texts(model, texts: Sequence[str], *, batch_size: int = 64, device: s
 
 def load_labels(project_root: str | Path, volume_ids: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     """(V, L) float64 labels of ``volume_ids`` from prep/volumes.parquet (NaN where missing)."""
-    import polars as pl
-
     path = Path(project_root) / "prep" / "volumes.parquet"
     cols = pl.read_parquet_schema(path)
     missing = [c for c in labels if c not in cols]

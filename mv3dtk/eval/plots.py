@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fs import atomic_path
 from . import metrics as M
 
 
@@ -22,8 +23,6 @@ def _pyplot():
 def roc_grid(path: str | Path, results, *, columns: int = 6) -> Path:
     """One ROC panel per abnormality, one curve per zero-shot mode (``results``: the
     :class:`~mv3dtk.eval.zeroshot.ModeResult` list), AUROC in the legend; PNG at ``path``."""
-    from ..fs import atomic_path
-
     plt = _pyplot()
     labels = list(dict.fromkeys(lab for r in results for lab in r.labels))
     cols = min(columns, len(labels))

@@ -20,11 +20,17 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import polars as pl
 
 from ..data.ctrate import ABNORMALITIES
-from ..errors import ConfigError
+from ..errors import ConfigError, Mv3dError
+from ..fs import atomic_path, atomic_write_json
+from ..index import fetch_embeddings, index_path, text_id
 from ..log import get_logger
+from ..models.medvista3d import load_model
 from . import metrics as M
+from .encode import encode_split, encode_texts, load_labels
+from .runs import clean_json, parse_choices
 
 TASKS = ("report", "volume", "region")
 REPORT_KS = (5, 10, 50, 100)
@@ -44,8 +50,6 @@ def parse_ks(ks: Sequence[int] | str, option: str = "-k") -> list[int]:
 
 
 def resolve_tasks(tasks: Sequence[str] | str) -> list[str]:
-    from .runs import parse_choices
-
     return parse_choices(tasks, TASKS, "--tasks")
 
 
@@ -158,9 +162,6 @@ def index_report_embeddings(project_root: str | Path, encoder: str, volume_ids: 
     (``model.text_identity``, what ``mv3d index-texts --encoder <model dir>`` stores): (emb (V, E),
     found (V,) bool). The text id hashes the text itself, so a report changed since the index was
     built is simply not found (a stale row is never used). None when there is no usable index."""
-    from ..errors import Mv3dError
-    from ..index import fetch_embeddings, index_path, text_id
-
     db = index_path(project_root)
     if not db.is_file():
         return None
@@ -182,8 +183,6 @@ def index_report_embeddings(project_root: str | Path, encoder: str, volume_ids: 
 
 
 def _report_embeddings(model, project_root, enc, *, use_index: bool, device, precision, log) -> tuple[np.ndarray, int]:
-    from .encode import encode_texts
-
     cached = (index_report_embeddings(project_root, model.text_identity, enc.volume_ids, enc.reports, log)
               if use_index else None)
     if cached is None or cached[0].shape[1] != enc.global_.shape[1]:
@@ -203,8 +202,6 @@ def evaluate(model, project_root: str | Path, *, split: str = "valid", tasks: Se
              log=None) -> tuple[object, list[TaskResult]]:
     """Run the retrieval ``tasks`` of ``model`` on ``split``: (the EncodedSplit, one result per task).
     ``encoded`` (an EncodedSplit of the split, with masks for ``region``) skips the volume encoding."""
-    from .encode import encode_split, encode_texts, load_labels
-
     log = log or get_logger("retrieve")
     tasks = resolve_tasks(tasks)
     ks, volume_ks, grounding_ks = parse_ks(ks), parse_ks(volume_ks, "--volume-k"), parse_ks(grounding_ks,
@@ -234,8 +231,6 @@ def evaluate(model, project_root: str | Path, *, split: str = "valid", tasks: Se
 def retrieve(model, project_root: str | Path, *, split: str = "valid", tasks: Sequence[str] | str = TASKS,
              ks: Sequence[int] | str = REPORT_KS, seed: int = 0, batch_size: int = 4, device=None, log=None) -> dict:
     """The metrics dict of the retrieval ``tasks`` (keys ``report``, ``volume``, ``region``)."""
-    from .zeroshot import clean_json
-
     _, res = evaluate(model, project_root, split=split, tasks=tasks, ks=ks, seed=seed, batch_size=batch_size,
                       device=device, log=log)
     return clean_json({r.name: r.metrics for r in res})
@@ -248,12 +243,6 @@ def run_retrieve(project_root: str | Path, model_dir: str | Path, out_dir: str |
                  use_index: bool = True, log=None) -> dict:
     """Load the model, run the tasks, write ``out_dir``/{rankings.parquet, metrics.json} atomically
     (metrics.json last) and return the metrics dict."""
-    import polars as pl
-
-    from ..fs import atomic_path, atomic_write_json
-    from ..models.medvista3d import load_model
-    from .zeroshot import clean_json
-
     model = load_model(model_dir)
     enc, res = evaluate(model, project_root, split=split, tasks=tasks, ks=ks, volume_ks=volume_ks,
                    grounding_ks=grounding_ks, seed=seed, batch_size=batch_size, workers=workers, device=device,

@@ -26,7 +26,6 @@ labels (null in prep/volumes.parquet) are left out per label.
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import io
 import json
 import math
@@ -35,11 +34,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import polars as pl
 
 from ..data.ctrate import ABNORMALITIES
 from ..errors import ConfigError, DataError
+from ..fs import atomic_path, atomic_write_json, atomic_write_text
 from ..log import get_logger
+from ..models.medvista3d import load_model
+from ..text.zeroshot_prompts import CTCLIP_TEMPLATES, ctclip_prompts
 from . import metrics as M
+from .encode import encode_crops, encode_split, encode_texts, load_labels
+from .plots import roc_grid
+from .runs import clean_json, parse_choices
 
 MODES = ("global", "local", "global-crop")
 DEFAULT_MODES = ("global", "local")
@@ -85,8 +91,6 @@ def fvlm_prompts(labels: Sequence[str] = tuple(LOCAL_ORGANS)) -> list[Prompt]:
 
 
 def _ctclip(labels: Sequence[str], templates: Sequence[str] | str | None = None) -> list[Prompt]:
-    from ..text.zeroshot_prompts import CTCLIP_TEMPLATES, ctclip_prompts
-
     if isinstance(templates, str):
         templates = tuple(templates.split("|"))
     pairs = ctclip_prompts(labels=tuple(labels), templates=tuple(templates or CTCLIP_TEMPLATES))
@@ -150,8 +154,6 @@ def resolve_labels(labels: Sequence[str] | str | None) -> list[str]:
 
 
 def resolve_modes(modes: Sequence[str] | str) -> list[str]:
-    from .runs import parse_choices
-
     return parse_choices(modes, MODES, "--mode")
 
 
@@ -202,8 +204,6 @@ class ModeResult:
 
 
 def _text_pairs(model, prompts: list[Prompt], device, precision) -> tuple[np.ndarray, np.ndarray]:
-    from .encode import encode_texts
-
     emb = encode_texts(model, [p.positive for p in prompts] + [p.negative for p in prompts], device=device,
                        precision=precision)  # (2L, E)
     return emb[: len(prompts)], emb[len(prompts):]
@@ -220,8 +220,6 @@ def _score(result: ModeResult, bootstrap: int, seed: int) -> ModeResult:
 def _organ_embeddings(model, project_root, mode: str, split: str, organs: list[str], encoded, **opts):
     """(volume_ids, img (V, L, E), present (V, L)) for the organ of each label: the local embedding
     (``local``) or the encoded organ crop (``global-crop``)."""
-    from .encode import encode_crops
-
     if mode == "local":
         if not encoded.present.any():
             raise DataError(f"no volume of split {split!r} has region masks; --mode local needs RadGenome region "
@@ -240,8 +238,6 @@ def evaluate(model, project_root: str | Path, *, split: str = "valid", modes: Se
              workers: int = 0, device=None, precision: str = "bf16", encoded=None, log=None) -> list[ModeResult]:
     """Zero-shot probabilities and metrics of ``model`` on ``split`` for each mode. ``encoded``
     (an :class:`~mv3dtk.eval.encode.EncodedSplit` of the same split) skips the volume encoding."""
-    from .encode import encode_split, load_labels
-
     log = log or get_logger("zeroshot")
     modes, labels = resolve_modes(modes), resolve_labels(labels)
     if local_prompts not in LOCAL_PROMPT_CHOICES and not Path(local_prompts).is_file():
@@ -293,29 +289,7 @@ def zero_shot(model, project_root: str | Path, *, split: str = "valid", mode: st
     return clean_json(res.metrics(split))
 
 
-def clean_json(obj):
-    """NaN/inf -> None, numpy scalars -> Python, recursively (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): clean_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean_json(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
 # --------------------------------------------------------------------------- the stage's run
-
-
-def default_run_name(model_dir: str | Path, split: str) -> str:
-    """``<pretrain run>-<split>-<UTC time>`` (the model dir's parent name when it is ``.../model``)."""
-    p = Path(model_dir).resolve()
-    base = p.parent.name if p.name == "model" and p.parent.name else p.name
-    return f"{base}-{split}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
 
 
 def run_zeroshot(project_root: str | Path, model_dir: str | Path, out_dir: str | Path, *, split: str = "valid",
@@ -325,8 +299,6 @@ def run_zeroshot(project_root: str | Path, model_dir: str | Path, out_dir: str |
                  workers: int = 0, device=None, precision: str = "bf16", plot: bool = True, log=None) -> dict:
     """Load the model, evaluate, write ``out_dir``/{metrics.json, per_class.csv, probabilities.parquet,
     roc.png} (each atomically; metrics.json last) and return the metrics dict."""
-    from ..models.medvista3d import load_model
-
     log = log or get_logger("zeroshot")
     model = load_model(model_dir)
     results = evaluate(model, project_root, split=split, modes=modes, prompts=prompts, templates=templates,
@@ -337,8 +309,6 @@ def run_zeroshot(project_root: str | Path, model_dir: str | Path, out_dir: str |
     _write_probabilities(out / "probabilities.parquet", results)
     _write_per_class(out / "per_class.csv", results, split)
     if plot:
-        from .plots import roc_grid
-
         roc_grid(out / "roc.png", results)
     summary = clean_json({
         "task": "zeroshot", "split": split, "model": str(Path(model_dir)), "n_volumes": len(results[0].volume_ids),
@@ -346,17 +316,11 @@ def run_zeroshot(project_root: str | Path, model_dir: str | Path, out_dir: str |
         "prompts": prompts, "templates": templates, "bootstrap": bootstrap, "seed": seed,
         "modes": {r.mode: r.metrics(split) for r in results},
     })
-    from ..fs import atomic_write_json
-
     atomic_write_json(out / "metrics.json", summary)
     return summary
 
 
 def _write_probabilities(path: Path, results: list[ModeResult]) -> None:
-    import polars as pl
-
-    from ..fs import atomic_path
-
     frames = []
     for r in results:
         V, L = r.probs.shape
@@ -380,8 +344,6 @@ PER_CLASS_COLUMNS = ("mode", "label", "organ", "n", "positives", "organ_missing"
 
 
 def _write_per_class(path: Path, results: list[ModeResult], split: str) -> None:
-    from ..fs import atomic_write_text
-
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=PER_CLASS_COLUMNS, lineterminator="\n")
     w.writeheader()
@@ -429,48 +391,3 @@ def format_table(summary: dict) -> str:
 
 def _f(v) -> str:
     return "-" if v is None else f"{v:.3f}"
-
-
-# --------------------------------------------------------------------------- shared by the eval stages
-
-
-def resolve_model_dir(project_root: str | Path, model: str | Path | None) -> Path:
-    """``--model`` as given (or relative to the project), else the project's latest ``pretrain.model``."""
-    from ..errors import MissingInputError
-    from ..project import Project
-
-    root = Path(project_root)
-    if model is None:
-        found = Project(root).artifact_path("pretrain.model")
-        if found is None or not found.is_dir():
-            raise MissingInputError("no --model given and the project has no pretrained model; pass --model "
-                                    "pretrain/<run>/model (or any saved model directory), or run: mv3d pretrain")
-        return found
-    for cand in (Path(model), root / model):
-        if (cand / "config.json").is_file():
-            return cand.resolve()
-    raise ConfigError(f"--model {model}: not a saved mv3d model directory (no config.json there or under "
-                      f"{root}); point at pretrain/<run>/model")
-
-
-def run_folder(project_root: str | Path, task: str, run_name: str | None, model_dir: Path, split: str) -> Path:
-    """``<project>/<task>/<run>`` (the default name from :func:`default_run_name`)."""
-    name = run_name or default_run_name(model_dir, split)
-    if "/" in name or name.startswith(".") or name == "latest":
-        raise ConfigError(f"--run {name!r}: use a plain folder name other than 'latest'")
-    return Path(project_root) / task / name
-
-
-def point_latest(run_dir: Path) -> Path:
-    """Make ``<task>/latest`` a relative symlink to ``run_dir`` (replaced atomically)."""
-    import os
-    import uuid
-
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-latest"
-    try:
-        os.symlink(run_dir.name, tmp)
-        os.replace(tmp, link)
-    except OSError:  # no symlinks on this file system: the manifest still records the run
-        tmp.unlink(missing_ok=True)
-    return link

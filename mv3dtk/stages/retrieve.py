@@ -7,13 +7,11 @@ import click
 
 from ..registry import Artifact, Stage
 from ..runs import StageContext, pass_stage_context
+from ._options import eval_inputs, eval_runtime, publish
 
 
 @click.command("retrieve")
-@click.option("--model", "model_dir", help="Saved model directory, e.g. pretrain/<run>/model "
-                                           "[default: the project's latest pretrained model].")
-@click.option("--split", default="valid", show_default=True, help="Split of prep/volumes.parquet (the whole split "
-                                                                  "is the pool).")
+@eval_inputs("Split of prep/volumes.parquet (the whole split is the pool).")
 @click.option("--tasks", default="report,volume,region", show_default=True,
               help="Comma list: report (report -> volume), volume (volume -> volume), region (phrase grounding).")
 @click.option("-k", "ks", default="5,10,50,100", show_default=True, help="k of report -> volume recall@k.")
@@ -22,21 +20,14 @@ from ..runs import StageContext, pass_stage_context
 @click.option("--index/--no-index", "use_index", default=True, show_default=True,
               help="Reuse report embeddings of this model from index/texts.duckdb when present.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random-embedding baseline.")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Volumes per forward.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data loader workers.")
-@click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
-@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
-              help="bf16 autocast on GPU (CPU always runs fp32).")
-@click.option("--run", "run_name", help="Run name (folder under retrieve/) [default: <model run>-<split>-<time>].")
-@click.option("--json", "json_", is_flag=True, help="Print the metrics as JSON on stdout (the table goes to stderr).")
+@eval_runtime("retrieve")
 @pass_stage_context
 def command(sctx: StageContext, model_dir, split, tasks, ks, volume_k, grounding_k, use_index, seed, batch_size,
             workers, device, precision, run_name, json_):
     """Retrieval on a whole split: report -> volume recall@k, volume -> volume MAP@k by label
     Jaccard, region phrase grounding top-k, with random baselines; writes retrieve/<run>/."""
     from ..eval.retrieval import format_table, run_retrieve
-    from ..eval.runs import publish
-    from ..eval.zeroshot import resolve_model_dir, run_folder
+    from ..eval.runs import resolve_model_dir, run_folder
 
     root = sctx.project.root
     model_path = resolve_model_dir(root, model_dir)

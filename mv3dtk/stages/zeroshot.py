@@ -7,12 +7,11 @@ import click
 
 from ..registry import Artifact, Stage
 from ..runs import StageContext, pass_stage_context
+from ._options import eval_inputs, eval_runtime, publish
 
 
 @click.command("zeroshot")
-@click.option("--model", "model_dir", help="Saved model directory, e.g. pretrain/<run>/model "
-                                           "[default: the project's latest pretrained model].")
-@click.option("--split", default="valid", show_default=True, help="Split of prep/volumes.parquet to evaluate.")
+@eval_inputs()
 @click.option("--mode", default="global,local", show_default=True,
               help="Comma list: global (CT-CLIP), local (organ embedding + masks, fVLM's 16 labels), "
                    "global-crop (organ crop encoded globally, the paper's comparison).")
@@ -27,21 +26,15 @@ from ..runs import StageContext, pass_stage_context
 @click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(min=0),
               help="Bootstrap resamples of the volumes for confidence intervals (0: none; CT-CLIP: 1000).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Volumes per forward.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Data loader workers.")
-@click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available].")
-@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
-              help="bf16 autocast on GPU (CPU always runs fp32).")
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Write roc.png.")
-@click.option("--run", "run_name", help="Run name (folder under zeroshot/) [default: <model run>-<split>-<time>].")
-@click.option("--json", "json_", is_flag=True, help="Print the metrics as JSON on stdout (the table goes to stderr).")
+@eval_runtime("zeroshot")
 @pass_stage_context
 def command(sctx: StageContext, model_dir, split, mode, prompts, templates, local_prompts, labels, bootstrap, seed,
             batch_size, workers, device, precision, plot, run_name, json_):
     """Zero-shot detection of the 18 CT-RATE abnormalities: per-class AUROC, F1, precision and
     accuracy at CT-CLIP's threshold, macro means; writes zeroshot/<run>/."""
-    from ..eval.runs import publish
-    from ..eval.zeroshot import format_table, resolve_model_dir, run_folder, run_zeroshot
+    from ..eval.runs import resolve_model_dir, run_folder
+    from ..eval.zeroshot import format_table, run_zeroshot
 
     root = sctx.project.root
     model_path = resolve_model_dir(root, model_dir)
