@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     args = ap.parse_args()
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
-    from mv3dtk.fake_llm import FakeLLM
+    from mv3dtk.testing.fake_llm import FakeLLM
     from mv3dtk.text.labeler import rules_rewrite
 
     texts = list(dict.fromkeys(synthetic_reports(args.n)))  # unique: the cache would dedupe the rest

@@ -1,4 +1,4 @@
-"""mv3dtk.fake_llm: a loopback Ollama/OpenAI chat server, driven here with the REAL clients.
+"""mv3dtk.testing.fake_llm: a loopback Ollama/OpenAI chat server, driven here with the REAL clients.
 
 The exception types asserted below are the ones the rewrite backend has to catch; if a client
 upgrade changes them, these tests say so.
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mv3dtk.fake_llm import (
+from mv3dtk.testing.fake_llm import (
     Delay,
     Drop,
     Empty,
@@ -95,7 +95,7 @@ def achat(client, text=REPORT, **kw):
 
 
 def test_import_does_not_load_clients_or_torch():
-    code = ("import sys, mv3dtk.fake_llm; "
+    code = ("import sys, mv3dtk.testing.fake_llm; "
             "print(sorted(m for m in ('ollama', 'openai', 'torch', 'httpx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -16,7 +16,7 @@ import pytest
 from helpers import run_mv3d
 from mv3dtk import Project
 from mv3dtk.data.synth import make_synthetic_dataset
-from mv3dtk.fake_llm import Delay, Garbage, Reply, Status
+from mv3dtk.testing.fake_llm import Delay, Garbage, Reply, Status
 from mv3dtk.text.labeler import label_text, rules_rewrite
 from mv3dtk.text.prompts import FEW_SHOT, SYSTEM_PROMPT
 

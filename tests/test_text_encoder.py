@@ -19,6 +19,7 @@ import torch
 
 from mv3dtk.errors import Mv3dError
 from mv3dtk.models import text as T
+from mv3dtk.testing.tiny_models import make_tiny_bert, train_wordpiece
 
 SIMILAR = ("There is a small left pleural effusion.", "A small pleural effusion is seen on the left side.")
 UNRELATED = "The thyroid gland is enlarged and contains nodules."
@@ -91,7 +92,7 @@ def reports(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, reports) -> Path:
-    return T.make_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert", reports)
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert", reports)
 
 
 @pytest.fixture(scope="module")
@@ -169,22 +170,22 @@ def test_minilm_save_load_round_trip(minilm, tmp_path):
 
 
 def test_tiny_bert_files_are_deterministic(tiny_dir, reports, tmp_path):
-    other = T.make_tiny_bert(tmp_path / "again", reports)
+    other = make_tiny_bert(tmp_path / "again", reports)
     names = sorted(p.name for p in tiny_dir.iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
             "special_tokens_map.json", T.SETTINGS_FILE} <= set(names)
     assert names == sorted(p.name for p in other.iterdir())
     for name in names:
         assert (tiny_dir / name).read_bytes() == (other / name).read_bytes(), name
-    seeded = T.make_tiny_bert(tmp_path / "seed1", reports, seed=1)
+    seeded = make_tiny_bert(tmp_path / "seed1", reports, seed=1)
     assert (seeded / "model.safetensors").read_bytes() != (tiny_dir / "model.safetensors").read_bytes()
     assert (seeded / "vocab.txt").read_bytes() == (tiny_dir / "vocab.txt").read_bytes()
 
 
 def test_wordpiece_is_deterministic_and_bounded(reports):
-    a, b = T.train_wordpiece(reports), T.train_wordpiece(list(reversed(reports)))
+    a, b = train_wordpiece(reports), train_wordpiece(list(reversed(reports)))
     assert a.get_vocab() == b.get_vocab()
-    small = T.train_wordpiece(reports, vocab_size=200)
+    small = train_wordpiece(reports, vocab_size=200)
     assert small.get_vocab_size() == 200 < a.get_vocab_size() <= 2000
     assert [small.id_to_token(i) for i in range(5)] == list(T.SPECIAL_TOKENS)
 
@@ -204,7 +205,7 @@ def test_tiny_vocab_keeps_frequent_domain_words(tiny, reports):
 def test_tiny_tokenizer_avoids_the_transformers5_vocab_pitfall(tiny_dir, tiny, reports):
     from transformers import AutoTokenizer
 
-    trained = T.train_wordpiece(reports).get_vocab_size()
+    trained = train_wordpiece(reports).get_vocab_size()
     tok = AutoTokenizer.from_pretrained(str(tiny_dir), local_files_only=True)
     assert len(tok) == trained == len(tiny.tokenizer)
     assert len((tiny_dir / "vocab.txt").read_text().splitlines()) == trained

@@ -5,6 +5,12 @@
         assert (mv3d_project.root / "my-stage" / "out.csv").exists()
 
 Everything here is real: a real project directory, the real CLI, a real synthetic dataset.
+
+The test kit around the fixtures (never imported by the product; it needs the ``dev`` extra, pytest):
+
+* :mod:`mv3dtk.testing.fake_llm`: a loopback Ollama/OpenAI chat server (the ``fake_llm`` fixture);
+* :mod:`mv3dtk.testing.tiny_models`: a tiny, randomly initialised BERT with a WordPiece vocabulary
+  trained on report text, for tests and demos.
 """
 
 from __future__ import annotations
@@ -13,21 +19,23 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import pytest
+from click.testing import CliRunner
+
+from ..cli import cli
+from ..data.synth import make_synthetic_dataset
+from ..project import Project
+from .fake_llm import FakeLLM
 
 
 @pytest.fixture
 def mv3d_project(tmp_path: Path):
     """A freshly initialised, empty project."""
-    from .project import Project
-
     return Project.init(tmp_path / "project")
 
 
 @pytest.fixture(scope="session")
 def synthetic_ctrate(tmp_path_factory) -> Path:
     """A small synthetic CT-RATE + RadGenome dataset (made once per test session)."""
-    from .data.synth import make_synthetic_dataset
-
     root = tmp_path_factory.mktemp("synthetic_ctrate")
     make_synthetic_dataset(root, n_train=6, n_valid=3, shape=(32, 64, 64), seed=0)
     return root
@@ -37,9 +45,6 @@ def synthetic_ctrate(tmp_path_factory) -> Path:
 def mv3d_cli() -> Callable:
     """Invoke the ``mv3d`` CLI in-process. ``ok=True`` asserts exit code 0 and shows the output
     and traceback when it is not; ``ok=False`` asserts a failure."""
-    from click.testing import CliRunner
-
-    from .cli import cli
 
     def invoke(args: Sequence[str], project=None, ok: bool | None = True, env: dict | None = None):
         argv = (["-P", str(getattr(project, "root", project))] if project is not None else []) + list(args)
@@ -53,13 +58,11 @@ def mv3d_cli() -> Callable:
     return invoke
 
 
-@pytest.fixture
-def fake_llm(monkeypatch):
+@pytest.fixture(name="fake_llm")  # the function keeps another name: ``fake_llm`` is the subpackage
+def fake_llm_server(monkeypatch):
     """A real HTTP server on 127.0.0.1 speaking Ollama's ``/api/chat`` and OpenAI's
-    ``/v1/chat/completions`` (see :mod:`mv3dtk.fake_llm`): ``fake_llm.url`` is an Ollama host,
+    ``/v1/chat/completions`` (see :mod:`mv3dtk.testing.fake_llm`): ``fake_llm.url`` is an Ollama host,
     ``fake_llm.openai_url`` an OpenAI base URL; ``fake_llm.requests`` records what arrived."""
-    from .fake_llm import FakeLLM
-
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     with FakeLLM() as server:
