@@ -6,6 +6,7 @@ other module takes these names from here, so the synthetic generator and the rea
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -135,8 +136,6 @@ def vqa_json(split: str) -> Path:
 
 def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
     """All rows of a CT-RATE CSV as dicts (stdlib only; fine for the 50k-row CT-RATE tables)."""
-    import csv
-
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
@@ -158,7 +157,7 @@ def needs_rescale(stored, hu_source: str = "auto") -> bool:
     the data: a HU volume has air, so its 1st percentile is far below -500; raw stored values are
     non-negative. Applying the CSV values to a v2 volume is the double rescale of CT-CLIP#50.
     """
-    import numpy as np
+    import numpy as np  # here, not at the top: the labeler imports this module and stays numpy-free
 
     if hu_source not in ("auto", "raw", "fixed"):
         raise ValueError(f"hu_source must be auto, raw or fixed, not {hu_source!r}")

@@ -24,9 +24,15 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from ..errors import DataError
+
+try:
+    from isal import igzip  # ISA-L gzip, about 2x zlib
+except ImportError:  # pragma: no cover - isal is a dependency; gzip is the fallback
+    igzip = None
 
 AXCODES = ("S", "P", "L")  # what (D, H, W) index increase points toward
 _STORED_TARGET = ("L", "P", "S")  # the same, in nibabel's (i, j, k) order before the transpose
@@ -44,11 +50,8 @@ class Oriented:
 
 def _decompress(raw: bytes, path: Path) -> bytes:
     try:
-        from isal import igzip
-
-        return igzip.decompress(raw)
-    except ImportError:
-        pass
+        if igzip is not None:
+            return igzip.decompress(raw)
     except Exception as e:  # isal raises its own error types for corrupt data
         raise DataError(f"{path}: cannot decompress ({type(e).__name__}: {e}); the file is truncated or corrupt, "
                         "download it again") from e
@@ -60,8 +63,6 @@ def _decompress(raw: bytes, path: Path) -> bytes:
 
 def read_nifti(path: str | Path):
     """Load a ``.nii`` / ``.nii.gz`` entirely into memory (``nibabel.Nifti1Image``)."""
-    import nibabel as nib
-
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -101,8 +102,6 @@ def voxel_data(img, path: str | Path = "") -> np.ndarray:
 
 def orient(arr: np.ndarray, affine: np.ndarray) -> Oriented:
     """Reorder/flip ``(i, j, k)`` stored voxels into the (D, H, W) convention (no copy)."""
-    import nibabel as nib
-
     ornt = nib.orientations.io_orientation(affine)
     tf = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(_STORED_TARGET))
     view = nib.orientations.apply_orientation(arr, tf)  # (L, P, S) -> i, j, k

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import polars as pl
+
 from ..errors import DataError
 from . import ctrate
 
@@ -304,8 +306,6 @@ def _opt_float(row: dict, key: str) -> float | None:
 
 
 def read_table(path: Path, *, splits, masks: Path | None = None) -> Source:
-    import polars as pl
-
     try:
         df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema_length=0)
     except Exception as e:

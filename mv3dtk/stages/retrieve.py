@@ -7,20 +7,22 @@ import click
 
 from ..registry import Artifact, Stage
 from ..runs import StageContext, pass_stage_context
-from ._options import eval_inputs, eval_runtime, publish
+from ._options import eval_options, publish
 
 
 @click.command("retrieve")
-@eval_inputs("Split of prep/volumes.parquet (the whole split is the pool).")
-@click.option("--tasks", default="report,volume,region", show_default=True,
-              help="Comma list: report (report -> volume), volume (volume -> volume), region (phrase grounding).")
-@click.option("-k", "ks", default="5,10,50,100", show_default=True, help="k of report -> volume recall@k.")
-@click.option("--volume-k", default="1,5,10,50", show_default=True, help="k of volume -> volume MAP@k.")
-@click.option("--grounding-k", default="10,50", show_default=True, help="k of region grounding top-k.")
-@click.option("--index/--no-index", "use_index", default=True, show_default=True,
-              help="Reuse report embeddings of this model from index/texts.duckdb when present.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random-embedding baseline.")
-@eval_runtime("retrieve")
+@eval_options(
+    "retrieve",
+    click.option("--tasks", default="report,volume,region", show_default=True,
+                 help="Comma list: report (report -> volume), volume (volume -> volume), region (phrase grounding)."),
+    click.option("-k", "ks", default="5,10,50,100", show_default=True, help="k of report -> volume recall@k."),
+    click.option("--volume-k", default="1,5,10,50", show_default=True, help="k of volume -> volume MAP@k."),
+    click.option("--grounding-k", default="10,50", show_default=True, help="k of region grounding top-k."),
+    click.option("--index/--no-index", "use_index", default=True, show_default=True,
+                 help="Reuse report embeddings of this model from index/texts.duckdb when present."),
+    split_help="Split of prep/volumes.parquet (the whole split is the pool).",
+    seed_help="Seed of the random-embedding baseline.",
+)
 @pass_stage_context
 def command(sctx: StageContext, model_dir, split, tasks, ks, volume_k, grounding_k, use_index, seed, batch_size,
             workers, device, precision, run_name, json_):

@@ -7,27 +7,29 @@ import click
 
 from ..registry import Artifact, Stage
 from ..runs import StageContext, pass_stage_context
-from ._options import eval_inputs, eval_runtime, publish
+from ._options import eval_options, publish
 
 
 @click.command("zeroshot")
-@eval_inputs()
-@click.option("--mode", default="global,local", show_default=True,
-              help="Comma list: global (CT-CLIP), local (organ embedding + masks, fVLM's 16 labels), "
-                   "global-crop (organ crop encoded globally, the paper's comparison).")
-@click.option("--prompts", default="ctclip", show_default=True,
-              help="ctclip ('X is present.' / 'X is not present.') or a CSV/JSON file of label,positive,negative.")
-@click.option("--templates", help="The two CT-CLIP templates as 'POSITIVE|NEGATIVE', each with one {} for the label "
-                                  "[default: '{} is present.|{} is not present.'].")
-@click.option("--local-prompts", default="same", show_default=True,
-              help="Prompts of the organ modes: same (as --prompts, the form of the enriched texts the model "
-                   "was aligned with), fvlm (fVLM's 'Nodule.' / 'Not Nodule.') or a file.")
-@click.option("--labels", help="Comma list of abnormalities [default: all 18; organ modes keep those with an organ].")
-@click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Bootstrap resamples of the volumes for confidence intervals (0: none; CT-CLIP: 1000).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
-@click.option("--plot/--no-plot", default=True, show_default=True, help="Write roc.png.")
-@eval_runtime("zeroshot")
+@eval_options(
+    "zeroshot",
+    click.option("--mode", default="global,local", show_default=True,
+                 help="Comma list: global (CT-CLIP), local (organ embedding + masks, fVLM's 16 labels), "
+                      "global-crop (organ crop encoded globally, the paper's comparison)."),
+    click.option("--prompts", default="ctclip", show_default=True,
+                 help="ctclip ('X is present.' / 'X is not present.') or a CSV/JSON file of label,positive,negative."),
+    click.option("--templates", help="The two CT-CLIP templates as 'POSITIVE|NEGATIVE', each with one {} for the "
+                                     "label [default: '{} is present.|{} is not present.']."),
+    click.option("--local-prompts", default="same", show_default=True,
+                 help="Prompts of the organ modes: same (as --prompts, the form of the enriched texts the model "
+                      "was aligned with), fvlm (fVLM's 'Nodule.' / 'Not Nodule.') or a file."),
+    click.option("--labels", help="Comma list of abnormalities [default: all 18; organ modes keep those with an "
+                                  "organ]."),
+    click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(min=0),
+                 help="Bootstrap resamples of the volumes for confidence intervals (0: none; CT-CLIP: 1000)."),
+    seed_help="Seed of the bootstrap.",
+    before_run=[click.option("--plot/--no-plot", default=True, show_default=True, help="Write roc.png.")],
+)
 @pass_stage_context
 def command(sctx: StageContext, model_dir, split, mode, prompts, templates, local_prompts, labels, bootstrap, seed,
             batch_size, workers, device, precision, plot, run_name, json_):

@@ -5,6 +5,9 @@ OpenAI-compatible server: vLLM, Ollama's ``/v1``, ...).
 A backend turns one text into its rewrite. It raises :class:`TransientError` for what a retry may
 fix (timeouts, 5xx, 429, refused or dropped connections, empty or malformed replies) and
 :class:`BackendError` (an ``Mv3dError``) for what it cannot (unknown model, bad credentials).
+
+Each client library (ollama, openai, httpx) is imported inside the backend that uses it: importing
+them costs up to a second, and a run uses one backend (the rules backend, none).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from importlib import metadata
 from urllib.parse import urlparse
 
 from ..errors import ConfigError, Mv3dError
+from . import labeler
 from .prompts import build_messages
 
 REWRITERS_GROUP = "mv3d.rewriters"
@@ -70,14 +74,10 @@ class RulesBackend(RewriteBackend):
 
     @property
     def model(self) -> str:
-        from . import labeler
-
         return f"labeler-{getattr(labeler, 'VERSION', '1')}"
 
     def rewrite(self, text: str) -> str:
-        from .labeler import rules_rewrite
-
-        return rules_rewrite(text)
+        return labeler.rules_rewrite(text)
 
 
 class OllamaBackend(RewriteBackend):

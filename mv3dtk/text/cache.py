@@ -7,6 +7,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import duckdb
+
+from ..errors import Mv3dError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replies (
     key VARCHAR PRIMARY KEY,
@@ -23,10 +27,6 @@ def cache_key(backend: str, model: str, prompt_sha: str, text: str) -> str:
 
 class ReplyCache:
     def __init__(self, path: Path):
-        import duckdb
-
-        from ..errors import Mv3dError
-
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.con = duckdb.connect(str(path))

@@ -7,18 +7,19 @@ any local Hugging Face directory, and the text tower of a trained mv3d model.
 
 ``identity`` is what the index stores in its ``encoder`` column: :attr:`TextEncoder.identity` for
 a Hugging Face model, :attr:`MedVista3D.text_identity` (encoder + projection) for an mv3d model.
-Rows made by two encoders never mix. Heavy libraries are imported inside functions.
+Rows made by two encoders never mix.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
 
 from ..errors import ConfigError, Mv3dError
-
-if TYPE_CHECKING:
-    import torch
+from ..models.medvista3d import load_model
+from ..models.text import TextEncoder, resolve_text_model
 
 DEFAULT_ENCODER = "default"
 MV3D_MODEL_FILES = ("config.json", "model.safetensors", "text")
@@ -34,7 +35,7 @@ class IndexEncoder(Protocol):
     name: str  # short human name
     max_length: int  # longer texts are truncated to this many tokens
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> "torch.Tensor":
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """texts -> (N, E) float32, L2-normalised rows, on the CPU, in input order."""
 
     def n_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -42,8 +43,6 @@ class IndexEncoder(Protocol):
 
 
 def _pick_device(device: str) -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -70,8 +69,6 @@ class HFEncoder:
     kind = "hf"
 
     def __init__(self, spec: str, *, device: str = "auto"):
-        from ..models.text import TextEncoder, resolve_text_model
-
         path, opts = resolve_text_model(spec)
         self.model = TextEncoder(path, **opts).to(_pick_device(device))
         self.name = self.model.name
@@ -79,7 +76,7 @@ class HFEncoder:
         self.dim = self.model.hidden_size
         self.max_length = self.model.max_length
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> "torch.Tensor":
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         return self.model.encode(list(texts), batch_size=batch_size)  # (N, E)
 
     def n_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -93,17 +90,13 @@ class MV3DEncoder:
     kind = "mv3d"
 
     def __init__(self, model_dir: str | Path, *, device: str = "auto"):
-        from ..models.medvista3d import load_model
-
         self.model = load_model(model_dir, map_location=_pick_device(device)).eval()
         self.name = f"mv3d:{Path(model_dir).resolve().parent.name}"
         self.identity = self.model.text_identity
         self.dim = int(self.model.config["embed_dim"])
         self.max_length = self.model.text.max_length
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> "torch.Tensor":
-        import torch
-
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         texts = [str(t) for t in texts]
         if not texts:
             return torch.empty(0, self.dim)

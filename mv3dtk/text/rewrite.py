@@ -19,11 +19,14 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import polars as pl
+
 from ..log import progress
 from ..errors import ConfigError, Mv3dError
 from ..fs import atomic_path
 from .backends import RewriteBackend, TransientError, is_loopback
 from .cache import ReplyCache, cache_key
+from .labeler import compare, rules_rewrite
 from .prompts import prompt_sha
 
 SCOPES = ("reports", "regions")
@@ -74,8 +77,6 @@ def check_privacy(backend: RewriteBackend, allow_remote: bool) -> None:
 
 
 def collect_items(project_root: Path, scopes: tuple[str, ...], limit: int | None) -> list[Item]:
-    import polars as pl
-
     items: list[Item] = []
     if "reports" in scopes:
         df = pl.read_parquet(project_root / "prep" / "volumes.parquet")
@@ -141,8 +142,6 @@ def send_all(backend: RewriteBackend, todo: dict[str, str], cache: ReplyCache, p
 
 def _guard(items: list[Item], outputs: dict[str, Reply | str], keys: list[str], backend: RewriteBackend,
            keep_flagged: bool, summary: RewriteSummary) -> list[dict]:
-    from .labeler import compare, rules_rewrite
-
     rows, psha = [], prompt_sha()
     for item, key in zip(items, keys):
         out = outputs.get(key)
@@ -164,8 +163,6 @@ def _guard(items: list[Item], outputs: dict[str, Reply | str], keys: list[str], 
 
 
 def _write(rows: list[dict], path: Path, region_columns: bool) -> None:
-    import polars as pl
-
     cols = ["volume_id"] + (["region", "anatomy"] if region_columns else []) + [
         "source", "enriched", "llm_output", "backend", "model", "prompt_sha", "flagged", "flag_reason"]
     schema = {c: (pl.Boolean if c == "flagged" else pl.String) for c in cols}
