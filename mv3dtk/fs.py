@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 import uuid
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -107,10 +108,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_HELD: "weakref.WeakSet[FileLock]" = weakref.WeakSet()  # the locks this process holds
+
+
+def _drop_held_locks_in_child() -> None:
+    """After a fork, in the child: close the inherited handles of the parent's locks. An ``flock``
+    belongs to the open file: a child that kept the handle would keep the lock after the parent
+    died (a DataLoader worker orphaned by a SIGKILL refusing every ``--resume``). Closing only
+    drops the child's reference; the parent's lock is untouched (no ``LOCK_UN`` here)."""
+    for lock in list(_HELD):
+        fh, lock._fh = lock._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_held_locks_in_child)
+
+
 class FileLock:
     """An ``flock`` on a lock file. Released by the kernel when the process dies, so a crashed
     run never leaves a stale lock behind. ``holder`` (a short text) is written into the file so
-    that the process that is refused can say who holds it."""
+    that the process that is refused can say who holds it.
+
+    A child process never holds it: the file is opened close-on-exec (Python's default), and a
+    forked child closes its copy right after the fork (:func:`_drop_held_locks_in_child`)."""
 
     def __init__(self, path: str | os.PathLike, what: str):
         self.path = Path(path)
@@ -140,6 +166,7 @@ class FileLock:
         fh.write(holder or f"pid {os.getpid()}")
         fh.flush()
         self._fh = fh
+        _HELD.add(self)
         return self
 
     def is_held(self) -> bool:
@@ -155,6 +182,7 @@ class FileLock:
         return False
 
     def release(self) -> None:
+        _HELD.discard(self)
         if self._fh is not None:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import ConfigError, NotAProjectError
 from .fs import FileLock, atomic_write_json, atomic_write_text, read_json
@@ -108,6 +108,24 @@ class Project:
             )
         return self
 
+    def init_in_place(self, given: Iterable[Any] = ()) -> "Project":
+        """Create the project here, for the entry stage (``mv3d prep ctrate/`` typed in a new folder): only
+        when the directory is missing, empty, or holds nothing but the paths in ``given`` (the stage's path
+        arguments; ``None`` and tuples allowed) and folders that contain them. Anything else there is
+        refused with :class:`NotAProjectError`, which names it."""
+        sources = [Path(v).expanduser().resolve() for v in _flatten(given)]
+        if self.root.is_dir():
+            others = sorted(e.name for e in self.root.iterdir()
+                            if not any(s == e.resolve() or e.resolve() in s.parents for s in sources))
+            if others:
+                shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+                raise NotAProjectError(
+                    f"project directory {self.root} is not an mv3d project (no mv3d.toml), and it holds more "
+                    f"than the source ({shown}), so it is not made one; create it with: mv3d init {self.root}  "
+                    "(or run in an empty directory, or point -P/--project / MV3D_PROJECT at an existing project)"
+                )
+        return Project.init(self.root)
+
     # -- creation -------------------------------------------------------------------------
     @classmethod
     def init(cls, root: str | os.PathLike) -> "Project":
@@ -167,6 +185,14 @@ class Project:
 
     def stage_lock(self, stage: str) -> FileLock:
         return FileLock(self.locks_dir / f"{stage}.lock", f"stage {stage!r} in project {self.root}")
+
+
+def _flatten(values: Iterable[Any]) -> Iterator[str | os.PathLike]:
+    for v in values:
+        if isinstance(v, (tuple, list)):
+            yield from _flatten(v)
+        elif v is not None and v != "":
+            yield v
 
 
 def _empty_manifest() -> dict[str, Any]:

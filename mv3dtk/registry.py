@@ -56,7 +56,9 @@ class Stage:
     the stage promises to write; they are fingerprinted into ``manifest.json`` after a successful
     run. A stage with ``project=False`` (e.g. ``synth``) works outside any project and leaves no
     run record. ``lock`` lets runs that write disjoint parts (``prep --shard I/N``) run at once:
-    it maps the option values to the name of the lock a run takes.
+    it maps the option values to the name of the lock a run takes. ``creates_project`` marks the
+    entry stage (``prep``): run in a directory that is not a project yet but is empty or holds
+    only the paths given to it, it creates the project there instead of refusing.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Stage:
     outputs: tuple[Artifact | str, ...] = ()
     project: bool = True
     lock: Callable[[dict], str] | None = None  # option values -> lock name (default: the stage name)
+    creates_project: bool = False  # the entry stage: creates the project in a bare directory
     distribution: str = field(default=CORE_DISTRIBUTION, compare=False)
 
     def __post_init__(self):

@@ -263,6 +263,9 @@ def wrap_stage(stage: Stage, registry: Registry) -> click.Command:
         ctx.obj = sctx
         if project is None:
             return inner(*args, **kwargs)
+        if stage.creates_project and not project.exists():  # the entry stage, e.g. `mv3d prep ctrate/`
+            project.init_in_place(ctx.params.get(p.name) for p in cmd.params if isinstance(p.type, click.Path))
+            click.echo(f"created an mv3d project in {project.root}", err=True)
         project.require()
         table = (project.settings().get("stages", {}) or {}).get(stage.name, {})
         check_stage_settings(stage.name, cmd, {k.replace("-", "_"): v for k, v in table.items()},

@@ -113,3 +113,46 @@ def test_verbosity_flags(tmp_path, mv3d_cli):
     assert "INFO" not in quiet.stderr
     loud = run_mv3d("-v", "synth", str(d), "--n-train", "1", "--n-valid", "1", "--shape", "16", "32", "32")
     assert "INFO" in loud.stderr and "DEBUG" in loud.stderr
+
+
+# -- the first command, typed in a new folder ------------------------------------------------------
+
+def test_prep_creates_the_project_in_a_folder_that_holds_only_its_source(tmp_path):
+    from mv3dtk.data.ctrate import read_csv_rows, reports_csv
+    from mv3dtk.data.synth import make_synthetic_dataset
+    from mv3dtk.testing.tiny_models import make_tiny_bert
+
+    work = tmp_path / "work"
+    data = make_synthetic_dataset(work / "ctrate", n_train=4, n_valid=1, shape=(32, 64, 64), seed=0).root
+    texts = [r["Findings_EN"] for r in read_csv_rows(data / reports_csv("train"))]
+    bert = make_tiny_bert(tmp_path / "bert", texts, vocab_size=300, seed=0)
+    proc = run_mv3d("prep", "ctrate/", "--size", "32", "64", "64", "--spacing", "3", "0.75", "0.75", cwd=work)
+    assert f"created an mv3d project in {work}\n" in proc.stderr
+    assert (work / "mv3d.toml").is_file() and (work / "prep" / "volumes.parquet").is_file()
+    again = run_mv3d("prep", "ctrate/", "--size", "32", "64", "64", "--spacing", "3", "0.75", "0.75", cwd=work)
+    assert "created an mv3d project" not in again.stderr
+    run_mv3d("pretrain", "--backbone", "unimiss", "--model-config", "unimiss-tiny", "--batch-size", "2",
+             "--workers", "0", "--warmup-steps", "1", "--rsmb-size", "16", "--text-encoder", str(bert),
+             "--max-steps", "1", "--run", "first", cwd=work, timeout=300)
+    assert (work / "pretrain" / "first" / "model").is_dir()
+
+
+def test_prep_in_an_empty_folder_with_the_source_elsewhere(tmp_path, synthetic_ctrate):
+    (tmp_path / "new").mkdir()
+    proc = run_mv3d("prep", str(synthetic_ctrate), "--limit", "1", "--size", "32", "64", "64", cwd=tmp_path / "new")
+    assert f"created an mv3d project in {tmp_path / 'new'}\n" in proc.stderr
+
+
+def test_prep_refuses_a_folder_with_other_files_and_other_stages_an_empty_one(tmp_path, synthetic_ctrate):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    proc = run_mv3d("prep", str(synthetic_ctrate), cwd=other, check=False)
+    assert proc.returncode == 1 and "is not an mv3d project" in proc.stderr and "mv3d init" in proc.stderr
+    assert "notes.txt" in proc.stderr and not (other / "mv3d.toml").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for stage in ("zeroshot", "rewrite"):
+        proc = run_mv3d(stage, cwd=empty, check=False)
+        assert proc.returncode == 1 and "is not an mv3d project" in proc.stderr and "mv3d init" in proc.stderr
+    assert list(empty.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -89,3 +90,50 @@ def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
         p.wait()
     with FileLock(tmp_path / "l.lock", "thing"):  # free again once the holder is gone
         pass
+
+
+FORKS = {
+    "os.fork": "pid = os.fork()\nif pid == 0:\n    time.sleep(60)\n    os._exit(0)\n",
+    "multiprocessing": ("ctx = multiprocessing.get_context('fork')\n"
+                        "child = ctx.Process(target=time.sleep, args=(60,))\nchild.start()\npid = child.pid\n"),
+}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("fork", sorted(FORKS))
+@pytest.mark.parametrize("end", ["release", "sigkill"])
+def test_a_forked_child_never_keeps_the_lock(tmp_path, fork, end):
+    """A child forked while the lock is held (a DataLoader worker) must not keep it once its parent
+    releases it or is killed: the child outlives both here, as an orphaned worker would."""
+    path = tmp_path / "l.lock"
+    code = (
+        "import multiprocessing, os, sys, time\n"
+        "from mv3dtk.fs import FileLock\n"
+        f"lock = FileLock({str(path)!r}, 'thing').acquire()\n"
+        "assert not os.get_inheritable(lock._fh.fileno())  # close-on-exec\n"
+        + FORKS[fork] +
+        "print(pid, flush=True)\n"
+        "sys.stdin.readline()\n"
+        "lock.release()\n"
+        "print('released', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    try:
+        assert FileLock(path, "thing").is_held()  # the parent holds it
+        if end == "release":
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            assert p.stdout.readline().strip() == "released"
+        else:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        os.kill(child, 0)  # the child lives on ...
+        assert not FileLock(path, "thing").is_held()  # ... without the lock
+        with FileLock(path, "thing"):
+            pass
+    finally:
+        p.kill()
+        p.wait()
+        os.kill(child, signal.SIGKILL)

@@ -19,17 +19,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import MissingInputError, Mv3dError
+from ..procs import WorkerInit
 from .store import VolumeStore
 
 
 class PretrainDataset(Dataset):
     def __init__(self, project_root: str | Path, *, split: str = "train", enriched: bool = True):
-        import polars as pl
-
         self.root = Path(project_root)
         self.split = split
         self.store = VolumeStore(self.root)
@@ -92,8 +92,6 @@ class PretrainDataset(Dataset):
 def _attach(df, path: Path | None, rename: dict[str, str], key: list[str]):
     """``df`` with a column ``rw``: the rewrite table's ``enriched`` for the row's key (null when the
     table is absent or has no such row). One rewrite row per key, so the join never multiplies rows."""
-    import polars as pl
-
     if path is None or not path.is_file():
         return df.with_columns(pl.lit(None, dtype=pl.String).alias("rw"))
     back = {v: k for k, v in rename.items()}
@@ -149,7 +147,9 @@ def make_loader(dataset, *, batch_size: int, seed: int, epoch: int, skip_batches
     if not 0 <= skip_batches <= len(batches):
         raise Mv3dError(f"cannot skip {skip_batches} batches of an epoch that has {len(batches)}; the checkpoint was "
                         "probably written with another batch size, world size or dataset; resume with those")
-    extra = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if workers > 0 else {}
+    # workers die with this process (a SIGKILLed run must leave no orphan holding memory or its stage lock)
+    extra = {"prefetch_factor": prefetch_factor, "persistent_workers": False,
+             "worker_init_fn": WorkerInit()} if workers > 0 else {}
     # its own generator: creating an iterator must not draw from the global RNG (a resumed run creates
     # different loaders than an uninterrupted one, and would otherwise see other dropout masks)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

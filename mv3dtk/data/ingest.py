@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import polars as pl
 
 from ..log import progress
 from ..errors import DataError, Mv3dError
 from ..fs import atomic_path, atomic_write_json, atomic_write_text, clean_temporaries, read_json
+from ..procs import die_with_parent
 from . import ctrate
 from .preprocess import orient, plans_for, preprocess_image, read_nifti, resample_nearest, voxel_data
 from .sources import Source, SourceVolume, read_source
@@ -209,7 +211,9 @@ def _run_all(todo: list[SourceVolume], prep_dir: Path, opts: PrepOptions, worker
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # inherited by the spawned workers
         try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            # started from this (main) thread on submit; each worker dies with this process
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                     initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 futures = [pool.submit(_work, (sv, prep_dir, opts)) for sv in todo]
                 for fut in as_completed(futures):
                     yield fut.result()
@@ -275,8 +279,6 @@ def _row(sv: SourceVolume, rec: dict) -> dict[str, Any]:
 
 
 def table_schema() -> dict:
-    import polars as pl
-
     s = {k: pl.String for k in ("volume_id", "split", "patient_id", "scan_id", "image_path", "mask_path",
                                 "findings", "impressions", "report")}
     s.update({c: pl.Int8 for c in ctrate.ABNORMALITIES})
@@ -287,8 +289,6 @@ def table_schema() -> dict:
 
 def write_tables(src: Source, volumes: list[SourceVolume], records: dict[str, dict], prep_dir: Path,
                  options: PrepOptions) -> None:
-    import polars as pl
-
     rows = [_row(sv, records[sv.volume_id]) for sv in volumes if sv.volume_id in records]
     df = pl.DataFrame(rows, schema=table_schema(), orient="row")
     with atomic_path(prep_dir / "volumes.parquet") as tmp:

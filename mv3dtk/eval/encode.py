@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from ..data.datasets import PretrainDataset, collate
 from ..errors import DataError, Mv3dError
 from ..log import get_logger, progress
+from ..procs import WorkerInit
 
 BACKGROUND = -1.0  # prep's volumes are windowed to [-1, 1]: -1 is the lowest HU of the window
 
@@ -71,7 +72,8 @@ def open_split(project_root: str | Path, split: str):
 
 
 def _batches(ds, batch_size: int, workers: int) -> Iterator[dict]:
-    yield from DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers)
+    yield from DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers,
+                          worker_init_fn=WorkerInit())  # workers die with this process
 
 
 def encode_split(model, project_root: str | Path, split: str = "valid", *, batch_size: int = 4, workers: int = 0,

@@ -81,4 +81,5 @@ STAGE = Stage(
         Artifact("prep.regions", "prep/regions.json", "bit k of the masks <-> region k"),
     ),
     lock=_lock,
+    creates_project=True,
 )
