@@ -20,6 +20,7 @@ from typing import Any
 from .dist import under_torchrun
 from .errors import ConfigError, Mv3dError
 from .options import to_argv
+from .procs import die_with_parent
 
 PARENT_ENV = "MV3D_PARENT_RUN"  # set for the processes a launcher started: they leave the run record to it
 
@@ -58,6 +59,7 @@ def torchrun(stage: str, options: Any, *, project: Path, nproc: int, run: str, p
     log.info("launching %d processes (run %s): %s", nproc, run, " ".join(cmd))
     env = {**os.environ, PARENT_ENV: parent_run or "", run_name_env(stage): run,
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    code = subprocess.call(cmd, env=env)
+    launcher = os.getpid()  # torchrun and its workers die with this process (a SIGKILL leaves no orphans)
+    code = subprocess.call(cmd, env=env, preexec_fn=lambda: die_with_parent(launcher))
     if code != 0:
         raise Mv3dError(f"torchrun exited with code {code}; see the messages above (and {stage}/{run}/)")

@@ -55,7 +55,7 @@ def built(prepped, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    from mv3dtk.models.text import make_tiny_bert
+    from mv3dtk.testing.tiny_models import make_tiny_bert
 
     texts = [f"{p.positive} {p.negative}" for p in ctclip_prompts()] + _sentences(40)
     return make_tiny_bert(tmp_path_factory.mktemp("tb") / "bert", texts, hidden=32, layers=1, heads=2,

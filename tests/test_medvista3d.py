@@ -11,7 +11,7 @@ from mv3dtk import load_model
 from mv3dtk.errors import ConfigError
 from mv3dtk.models.factory import get_model_config, list_models
 from mv3dtk.models.medvista3d import MedVista3D
-from mv3dtk.models.text import make_tiny_bert
+from mv3dtk.testing.tiny_models import make_tiny_bert
 
 TEXTS = ["Pleural effusion is present in the right lung.", "No cardiomegaly.", "A 7 mm nodule in the left upper lobe.",
          "No pleural effusion.", "Emphysema is present in both lungs.", "The heart size is normal."] * 3

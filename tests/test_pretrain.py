@@ -24,7 +24,7 @@ SMALL = ["--backbone", "vit", "--model-config", "vit-tiny", "--batch-size", "4",
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     from mv3dtk.data.ctrate import read_csv_rows, reports_csv
-    from mv3dtk.models.text import make_tiny_bert
+    from mv3dtk.testing.tiny_models import make_tiny_bert
 
     root = tmp_path_factory.mktemp("pt")
     data = make_synthetic_dataset(root / "data", n_train=8, n_valid=2, shape=(32, 64, 64), seed=0).root
@@ -213,3 +213,13 @@ def test_statements_of_the_batch_are_distinct_and_know_which_volumes_they_descri
     assert pos.tolist() == [[True, True, False, False], [False, True, True, False],
                             [False, False, True, True], [False, False, False, False]]  # volume 3: nothing known
     assert global_texts({"enriched": ["", ""]}, "statements", 0, 0) == [""]  # dropped by the loss (padding id)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(project):
+    p, bert = project
+    run = p.root / "pretrain" / "early"
+    (run / "checkpoints").mkdir(parents=True)  # what a kill between the first step and the first checkpoint leaves
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n')
+    assert "no checkpoint" in _pretrain(p, bert, "--max-steps", "2", "--run", "early", "--resume", check=False).stderr
+    _pretrain(p, bert, "--max-steps", "2", "--run", "early")
+    assert [r["step"] for r in _losses(run)] == [1, 2] and _losses(run)[0]["loss"] != 99.0

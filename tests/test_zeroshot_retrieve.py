@@ -28,7 +28,7 @@ from mv3dtk.eval.runs import resolve_model_dir
 from mv3dtk.eval.zeroshot import LOCAL_ORGANS, PER_CLASS_COLUMNS, zero_shot
 from mv3dtk.models.factory import get_model_config
 from mv3dtk.models.medvista3d import MedVista3D
-from mv3dtk.models.text import make_tiny_bert
+from mv3dtk.testing.tiny_models import make_tiny_bert
 
 MODEL = "pretrain/tiny/model"
 

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..fs import atomic_write_json
 from ..models.factory import get_model_config
 from ..tracking import make_tracker
+from .checkpoint import latest_checkpoint
 from .loop import Trainer, TrainConfig
 from .options import PretrainOptions, parse_losses
 
@@ -75,9 +76,11 @@ def run_pretraining(project_root: Path, run_dir: Path, cfg: TrainConfig, resume:
     already finished)."""
     dist = init_distributed()
     if dist.is_main:
-        if (run_dir / "checkpoints").is_dir() and not resume:
+        if latest_checkpoint(run_dir) is not None and not resume:
             raise ConfigError(f"{run_dir} already has checkpoints: pass --resume to continue it, or --run NEW_NAME")
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a run killed before its first checkpoint starts over: its logged steps go with it
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         atomic_write_json(run_dir / "config.json", {"train": cfg.resume_key(), "world_size": dist.world_size,
                                                     "max_steps": cfg.max_steps})
     tracker = make_tracker(report_to if dist.is_main else "none", run_dir, "pretrain", cfg.resume_key())
