@@ -89,3 +89,20 @@ FORGETFUL = Stage("forgetful", forgetful, outputs=("forgetful.out",))
 
 ENTRY_POINTS = {"make-a": "mv3d_teststages:MAKE_A", "use-a": "mv3d_teststages:USE_A",
                 "forgetful": "mv3d_teststages:FORGETFUL"}
+
+
+def make_pretrain_project(root: Path):
+    """A prepped and rewritten 8 + 2 volume synthetic project and a tiny BERT trained on its reports:
+    what the pretraining tests start from. -> (project, bert directory)."""
+    from mv3dtk import Project
+    from mv3dtk.data.ctrate import read_csv_rows, reports_csv
+    from mv3dtk.data.synth import make_synthetic_dataset
+    from mv3dtk.testing.tiny_models import make_tiny_bert
+
+    data = make_synthetic_dataset(root / "data", n_train=8, n_valid=2, shape=(32, 64, 64), seed=0).root
+    texts = [r["Findings_EN"] for r in read_csv_rows(data / reports_csv("train"))]
+    bert = make_tiny_bert(root / "bert", texts, vocab_size=500, seed=0)
+    project = Project.init(root / "project")
+    run_mv3d("-P", str(project.root), "prep", str(data), "--size", "32", "64", "64", "--spacing", "3", "0.75", "0.75")
+    run_mv3d("-P", str(project.root), "rewrite")
+    return project, bert

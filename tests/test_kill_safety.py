@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_mv3d
+from helpers import make_pretrain_project, run_mv3d
 from mv3dtk import Project
 from mv3dtk.data.synth import make_synthetic_dataset
 from mv3dtk.fs import FileLock
@@ -141,17 +141,7 @@ def test_a_worker_dies_with_its_parent_and_at_once_if_it_is_already_gone():
 
 @pytest.fixture(scope="module")
 def pretrain_project(tmp_path_factory):
-    from mv3dtk.data.ctrate import read_csv_rows, reports_csv
-    from mv3dtk.testing.tiny_models import make_tiny_bert
-
-    root = tmp_path_factory.mktemp("kill")
-    data = make_synthetic_dataset(root / "data", n_train=8, n_valid=2, shape=(32, 64, 64), seed=0).root
-    texts = [r["Findings_EN"] for r in read_csv_rows(data / reports_csv("train"))]
-    bert = make_tiny_bert(root / "bert", texts, vocab_size=500, seed=0)
-    project = Project.init(root / "project")
-    run_mv3d("-P", str(project.root), "prep", str(data), "--size", "32", "64", "64", "--spacing", "3", "0.75", "0.75")
-    run_mv3d("-P", str(project.root), "rewrite")
-    return project, bert
+    return make_pretrain_project(tmp_path_factory.mktemp("kill"))
 
 
 def _last_step(metrics: Path) -> int:

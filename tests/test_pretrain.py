@@ -13,9 +13,8 @@ import time
 import pytest
 import torch
 
-from helpers import run_mv3d
+from helpers import make_pretrain_project, run_mv3d
 from mv3dtk import Project, load_model
-from mv3dtk.data.synth import make_synthetic_dataset
 
 SMALL = ["--backbone", "vit", "--model-config", "vit-tiny", "--batch-size", "4", "--workers", "0", "--lr", "1e-3",
          "--warmup-steps", "2", "--rsmb-size", "64"]
@@ -23,17 +22,7 @@ SMALL = ["--backbone", "vit", "--model-config", "vit-tiny", "--batch-size", "4",
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    from mv3dtk.data.ctrate import read_csv_rows, reports_csv
-    from mv3dtk.testing.tiny_models import make_tiny_bert
-
-    root = tmp_path_factory.mktemp("pt")
-    data = make_synthetic_dataset(root / "data", n_train=8, n_valid=2, shape=(32, 64, 64), seed=0).root
-    texts = [r["Findings_EN"] for r in read_csv_rows(data / reports_csv("train"))]
-    bert = make_tiny_bert(root / "bert", texts, vocab_size=500, seed=0)
-    project = Project.init(root / "project")
-    run_mv3d("-P", str(project.root), "prep", str(data), "--size", "32", "64", "64", "--spacing", "3", "0.75", "0.75")
-    run_mv3d("-P", str(project.root), "rewrite")
-    return project, bert
+    return make_pretrain_project(tmp_path_factory.mktemp("pt"))
 
 
 @pytest.fixture
