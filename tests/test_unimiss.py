@@ -13,14 +13,8 @@ import torch.nn.functional as F
 
 from mv3dtk.errors import Mv3dError
 from mv3dtk.models.base import Backbone
-from mv3dtk.models.unimiss import (
-    PRESETS,
-    UniMiSS,
-    build_unimiss,
-    load_official_checkpoint,
-    load_official_state_dict,
-    resize_pos_embed,
-)
+from mv3dtk.models.unimiss import PRESETS, UniMiSS, build_unimiss, resize_pos_embed
+from mv3dtk.models.unimiss_weights import load_official_checkpoint, load_official_state_dict
 
 TINY = PRESETS["unimiss-tiny"]
 

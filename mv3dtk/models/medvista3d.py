@@ -6,18 +6,21 @@ never unpickles anything."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError
 from ..fs import atomic_path
 from .dual import POOLS, encode_dual, pool_width
 from .factory import build_backbone, get_model_config
+from .text import TextEncoder, resolve_text_model
 
 FORMAT_VERSION = 1
 MAX_LOGIT_SCALE = 100.0
@@ -38,11 +41,18 @@ def text_projection(hidden: int, dim: int, kind: str) -> nn.Module:
     raise ConfigError(f"model config 'text_proj': {kind!r} is not one of {', '.join(TEXT_PROJ)}")
 
 
+def weights_hash(module: nn.Module, salt: bytes = b"") -> str:
+    """12 hex digits of sha256 over ``salt`` and every tensor of ``module.state_dict()`` (name, shape, fp32 bytes)."""
+    h = hashlib.sha256(salt)
+    for name, w in module.state_dict().items():
+        w = w.detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode() + str(tuple(w.shape)).encode() + w.numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 class MedVista3D(nn.Module):
     def __init__(self, config: dict | str, *, text_dir: str | Path | None = None):
         super().__init__()
-        from .text import TextEncoder, resolve_text_model
-
         self.config = copy.deepcopy(get_model_config(config) if isinstance(config, (str, Path)) else config)
         cfg = self.config
         self.n_regions = int(cfg.get("n_regions", 10))
@@ -63,6 +73,34 @@ class MedVista3D(nn.Module):
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    # -- the image encoder API (shared by zero-shot, retrieval and the downstream stages) --------------
+    def image_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """x (B, 1, D, H, W) -> the backbone's final tokens (B, N, C), after every block and the final
+        norm and before any pooling, and their grid (d, h, w), N = d*h*w in row-major (D, H, W) order.
+        No backbone has a class token. vit-tiny at 32x64x64: 512 tokens x 64; ViT-B at 96x320x320:
+        2,400 x 768; UniMiSS-Small at 96x320x320: 6x10x10 = 600 x 512 (stage 4). For UniMiSS's
+        multi-scale maps (U-Net skips) use ``model.image.forward_pyramid(x)``."""
+        early, grid = self.image.forward_early(x)  # (B, N, C)
+        return self.image.forward_late(early), grid  # (B, N, C)
+
+    def image_features(self, x: torch.Tensor, masks: torch.Tensor | None = None):
+        """The pooled, unprojected image features: what the projections map into the shared space.
+
+        x (B, 1, D, H, W) -> (B, C') with C' = C x pool_width (the config's ``pool``: 2C for meanmax).
+        With masks (B, D, H, W) uint16 bitmask -> (global (B, C'), local (B, R, C') zeros where absent,
+        present (B, R) bool): the dual pathway's features per region."""
+        feats = encode_dual(self.image, x, masks, self.n_regions, pool=self.pool)
+        if masks is None:
+            return feats["global"]  # (B, C')
+        return feats["global"], feats["local"], feats["present"]
+
+    @property
+    def image_identity(self) -> str:
+        """Identity of the image tower (its config and every weight): the key of feature caches such as
+        VQA's token cache. Changes with any image weight, never with a text weight or the projections."""
+        config = json.dumps(self.config["image"], sort_keys=True).encode()
+        return f"mv3d-image:{self.config['image']['backbone']}-{weights_hash(self.image, config)}"
 
     def encode_image(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """x (B, 1, D, H, W), masks (B, D, H, W) uint16 bitmask | None -> ``global`` (B, E),
@@ -113,18 +151,9 @@ class MedVista3D(nn.Module):
     def text_identity(self) -> str:
         """Identity of the text tower as this model uses it (encoder + projection): the ``encoder``
         value of rows that ``mv3d index-texts --encoder <model dir>`` stores. Changes with any weight."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for name, w in self.text_proj.state_dict().items():
-            w = w.detach().to("cpu", torch.float32).contiguous()
-            h.update(name.encode() + str(tuple(w.shape)).encode() + w.numpy().tobytes())
-        proj = h.hexdigest()[:12]
-        return f"mv3d:{self.text.identity}+proj-{proj}"
+        return f"mv3d:{self.text.identity}+proj-{weights_hash(self.text_proj)}"
 
     def save(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         with atomic_path(directory) as tmp:
             tmp.mkdir()
@@ -152,8 +181,6 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
 def load_weights(model: MedVista3D, path: str | Path, *, map_location: str | torch.device = "cpu") -> None:
     """Load ``path/model.safetensors`` (all but the text tower, which lives in ``path/text``) into
     ``model``; weights that do not fit the model's config are an error."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     state = load_file(str(path / "model.safetensors"), device=str(map_location))
     missing, unexpected = model.load_state_dict(state, strict=False)

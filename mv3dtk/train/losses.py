@@ -69,9 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.medvista3d import MAX_LOGIT_SCALE  # the model owns its temperature's bound
 from .options import LOSS_TERMS
-
-MAX_LOGIT_SCALE = 100.0
 
 __all__ = [
     "MAX_LOGIT_SCALE", "info_nce", "set_nce", "grouped_info_nce", "global_loss", "local_loss", "semantic_global",
