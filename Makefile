@@ -10,6 +10,9 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.mv3d-installed
+CONSTRAINTS := $(VENV)/constraints.txt
+# the optional extras the stages need (seg: nnU-Net v2, vqa: caption metrics, prognosis: SimpleITK, track: TensorBoard)
+EXTRAS ?= dev,seg,vqa,prognosis,track
 PYTEST_ARGS ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
@@ -22,8 +25,11 @@ help:
 $(STAMP): pyproject.toml plugins/mv3d-stats/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || { echo "installing $(TORCH)"; $(PIP) install $(TORCH); }
-	$(PIP) install -e ".[dev]"
-	$(PIP) install -e plugins/mv3d-stats
+	@# every later install is held to the torch now installed: an extra (nnunetv2 -> timm -> torchvision)
+	@# would otherwise swap it for a multi-GB CUDA build
+	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(CONSTRAINTS)
+	$(PIP) install -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	$(PIP) install -c $(CONSTRAINTS) -e plugins/mv3d-stats
 	@$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 	@touch $(STAMP)
 
@@ -33,9 +39,11 @@ demo: $(STAMP)
 	bash recipes/quickstart.sh
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean-demo:

@@ -10,11 +10,12 @@ import difflib
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
-
-import click
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # the functions read Click objects they are given; this module never imports Click
+    import click
 
 SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
 REDACTED = "***"

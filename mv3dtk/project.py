@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .config import load_settings
 from .errors import ConfigError, NotAProjectError
 from .fs import FileLock, atomic_write_json, atomic_write_text, read_json
 
@@ -143,8 +144,6 @@ class Project:
 
     # -- settings -------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        from .config import load_settings
-
         return load_settings(self.settings_path)
 
     # -- manifest -------------------------------------------------------------------------
