@@ -246,6 +246,16 @@ def _root_args(root: Any) -> tuple[str, ...]:
     return flags + ("-v",) * max(verbosity, 0) + ("-q",) * max(-verbosity, 0)
 
 
+def _refuse_group_options(ctx: click.Context) -> None:
+    """The group's own options configure its run; with a subcommand that run does not happen."""
+    given = [p.opts[-1] for p in ctx.command.params
+             if p.name and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: options of '{ctx.info_name}' itself (its run) do nothing with a "
+                               f"subcommand; put the subcommand's options after it, e.g. mv3d {ctx.info_name} "
+                               f"{ctx.invoked_subcommand} ... {given[0]} ...", ctx)
+
+
 def wrap_stage(stage: Stage, registry: Registry) -> click.Command:
     """Make ``stage.command`` run through :func:`run_stage` (idempotent)."""
     cmd = stage.command
@@ -256,6 +266,9 @@ def wrap_stage(stage: Stage, registry: Registry) -> click.Command:
     @functools.wraps(inner)
     def callback(*args, **kwargs):
         ctx = click.get_current_context()
+        if ctx.invoked_subcommand is not None:  # a group stage's query (index-texts search): read-only, no run
+            _refuse_group_options(ctx)
+            return None
         root = ctx.find_root().obj
         project = Project(root.project) if stage.project else None
         sctx = StageContext(stage=stage, project=project, config=resolved_config(ctx), dist=DistInfo.from_env(),

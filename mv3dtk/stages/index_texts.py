@@ -20,38 +20,13 @@ ENCODER_HELP = ("'default' (offline all-MiniLM-L6-v2), a Hugging Face model dire
                 "pretrain/<run>/model (its projected text tower).")
 
 
-def _subcommand_follows(ctx: click.Context) -> bool:
-    args = getattr(ctx, "_protected_args", None)  # click >= 8.2; a plain attribute before
-    return bool(args if args is not None else getattr(ctx, "protected_args", ()))
-
-
-class BuildOrQueryGroup(click.Group):
-    """Bare ``index-texts`` runs the group's callback: the build, a recorded stage run (lock, run
-    record, manifest). ``search`` and ``stats`` only read the index: the group's callback is
-    skipped, so they take no stage lock, record no run and never touch the manifest."""
-
-    def invoke(self, ctx: click.Context):
-        if not _subcommand_follows(ctx):
-            return super().invoke(ctx)
-        given = [p.opts[-1] for p in self.params if p.name and
-                 ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
-        if given:
-            raise click.UsageError(f"{', '.join(given)}: build options do nothing with a subcommand; put search "
-                                   "options after it, e.g. mv3d index-texts search QUERY --encoder DIR", ctx)
-        callback, self.callback = self.callback, None
-        try:
-            return super().invoke(ctx)
-        finally:
-            self.callback = callback
-
-
 def _project():
     from ..project import Project
 
     return Project(click.get_current_context().find_root().obj.project).require()
 
 
-@click.group("index-texts", cls=BuildOrQueryGroup, invoke_without_command=True)
+@click.group("index-texts", invoke_without_command=True)
 @click.option("--encoder", default="default", show_default=True, help=ENCODER_HELP)
 @click.option("--origins", help=f"Comma list of what to embed: {ORIGINS_HELP} [default: all; the rewrite "
                                 "origins only where `mv3d rewrite` has run].")
