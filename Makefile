@@ -30,6 +30,10 @@ $(STAMP): pyproject.toml plugins/mv3d-stats/pyproject.toml
 	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(CONSTRAINTS)
 	$(PIP) install -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	$(PIP) install -c $(CONSTRAINTS) -e plugins/mv3d-stats
+	@# PyPI's torchvision (pulled in by nnunetv2 -> timm) is a CUDA build: beside a CPU torch it fails to import
+	@# ("operator torchvision::nms does not exist") and transformers then loads no text model at all. mv3d needs
+	@# no torchvision, so it goes where it does not import (a GPU machine with a matching pair keeps it).
+	@$(PY) -c "import torchvision" 2>/dev/null || { echo "removing torchvision: it does not import beside torch $$($(PY) -c 'import torch; print(torch.__version__)')"; $(PIP) uninstall -y torchvision; }
 	@$(PY) -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 	@touch $(STAMP)
 

@@ -80,3 +80,15 @@ def resize_pos_embed(table: torch.Tensor, src_grid: Sequence[int], dst_grid: Seq
     vol = F.interpolate(vol.float(), size=dst, mode="trilinear", align_corners=False).to(table.dtype)
     grid_rows = vol.permute(0, 2, 3, 4, 1).reshape(1, math.prod(dst), c)  # (1, N, C)
     return torch.cat([prefix, grid_rows], dim=1)  # (1, P + N, C)
+
+
+def init_transformer_weights(m: nn.Module) -> None:
+    """ViT-style initialisation (``module.apply``): Linear weights truncated-normal (std 0.02) and zero
+    biases; affine norms (LayerNorm, InstanceNorm3d) weight 1 and bias 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.LayerNorm, nn.InstanceNorm3d)) and m.weight is not None:
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

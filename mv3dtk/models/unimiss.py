@@ -86,7 +86,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import Mv3dError
-from .base import Backbone, padding_attn_mask, resize_pos_embed
+from .base import Backbone, init_transformer_weights, padding_attn_mask, resize_pos_embed
 from .factory import get_model_config
 
 __all__ = [
@@ -323,17 +323,12 @@ class UniMiSS(Backbone):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv3d):
+        if isinstance(m, nn.Conv3d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.InstanceNorm3d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        else:
+            init_transformer_weights(m)
 
     # ------------------------------------------------------------------ grids
     def _check_grids(self, grids: list[Grid], input_size: Sequence[int]) -> None:

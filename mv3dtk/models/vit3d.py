@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Backbone, InputWindows, padding_attn_mask, resize_pos_embed  # noqa: F401 (re-exported)
+from .base import (Backbone, InputWindows, init_transformer_weights, padding_attn_mask,  # noqa: F401 (re-exported)
+                   resize_pos_embed)
 
 
 class Attention(nn.Module):
@@ -70,7 +71,7 @@ class ViT3D(Backbone):
         if self.split is None:
             raise ValueError(f"mask_pool_layer {mask_pool_layer} is outside the {depth} blocks (use -{depth}..{depth - 1})")
         self.grad_checkpointing = grad_checkpointing
-        self.apply(_init)
+        self.apply(init_transformer_weights)
 
     def token_grid(self, input_size) -> tuple[int, int, int]:
         bad = [n for n, p in zip(input_size, self.patch_size) if n % p]
@@ -120,11 +121,3 @@ def patch_embedding(in_chans: int, embed_dim: int, patch_size: tuple[int, ...], 
     return nn.Sequential(*layers)
 
 
-def _init(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from ..registry import Artifact, Stage
+
 Decorator = Callable[[Callable], Callable]
 
 PRECISIONS = ("bf16", "fp32")
@@ -67,3 +69,25 @@ def publish(sctx, artifact: str, run_dir: Path, summary: dict, table: str, as_js
     click.echo(table, err=as_json)
     if as_json:
         click.echo(json.dumps({**summary, "run_dir": str(run_dir)}))
+
+
+EVAL_INPUTS = ("prep.manifest", "prep.volumes", "prep.regions", "prep.region_texts")
+
+
+def eval_stage(name: str, command: click.Command, summary: str, files: str, inputs=EVAL_INPUTS) -> Stage:
+    """The :class:`Stage` of an evaluation stage: its artifact ``<name>.run`` is the latest run folder
+    (``files`` says what is in it), and runs under different ``--run`` names may go at once."""
+    return Stage(name=name, command=command, summary=summary, inputs=inputs,
+                 outputs=(Artifact(f"{name}.run", name, f"{files} of the latest run", optional=True),),
+                 lock=lambda p: f"{name}.{p.get('run_name') or 'new'}")
+
+
+def eval_run(sctx, task: str, model_dir: str | None, run_name: str | None, split: str) -> tuple[Path, Path, Path]:
+    """-> (project root, the model to evaluate, the run folder ``<task>/<run>``), logged."""
+    from ..eval.runs import resolve_model_dir, run_folder
+
+    root = sctx.project.root
+    model_path = resolve_model_dir(root, model_dir)
+    run_dir = run_folder(root, task, run_name, model_path, split)
+    sctx.log.info("%s of %s on %s -> %s", task, model_path, split, run_dir)
+    return root, model_path, run_dir

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import click
 
-from ..registry import Artifact, Stage
 from ..runs import StageContext, pass_stage_context
-from ._options import eval_options, publish
+from ._options import eval_options, eval_run, eval_stage, publish
 
 
 @click.command("retrieve")
@@ -29,23 +28,14 @@ def command(sctx: StageContext, model_dir, split, tasks, ks, volume_k, grounding
     """Retrieval on a whole split: report -> volume recall@k, volume -> volume MAP@k by label
     Jaccard, region phrase grounding top-k, with random baselines; writes retrieve/<run>/."""
     from ..eval.retrieval import format_table, run_retrieve
-    from ..eval.runs import resolve_model_dir, run_folder
 
-    root = sctx.project.root
-    model_path = resolve_model_dir(root, model_dir)
-    run_dir = run_folder(root, "retrieve", run_name, model_path, split)
-    sctx.log.info("retrieval of %s on %s -> %s", model_path, split, run_dir)
+    root, model_path, run_dir = eval_run(sctx, "retrieve", model_dir, run_name, split)
     summary = run_retrieve(root, model_path, run_dir, split=split, tasks=tasks, ks=ks, volume_ks=volume_k,
                            grounding_ks=grounding_k, seed=seed, batch_size=batch_size, workers=workers,
                            device=device, precision=precision, use_index=use_index, log=sctx.log)
     publish(sctx, "retrieve.run", run_dir, summary, format_table(summary), json_)
 
 
-STAGE = Stage(
-    name="retrieve",
-    command=command,
-    summary="Report -> volume recall@k, volume -> volume MAP@k, region grounding, with random baselines.",
-    inputs=("prep.manifest", "prep.volumes", "prep.regions", "prep.region_texts"),
-    outputs=(Artifact("retrieve.run", "retrieve", "metrics.json, rankings.parquet of the latest run", optional=True),),
-    lock=lambda p: f"retrieve.{p.get('run_name') or 'new'}",
-)
+STAGE = eval_stage("retrieve", command,
+                   "Report -> volume recall@k, volume -> volume MAP@k, region grounding, with random baselines.",
+                   "metrics.json, rankings.parquet")

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import click
 
-from ..registry import Artifact, Stage
 from ..runs import StageContext, pass_stage_context
-from ._options import eval_options, publish
+from ._options import eval_options, eval_run, eval_stage, publish
 
 
 @click.command("zeroshot")
@@ -35,13 +34,9 @@ def command(sctx: StageContext, model_dir, split, mode, prompts, templates, loca
             batch_size, workers, device, precision, plot, run_name, json_):
     """Zero-shot detection of the 18 CT-RATE abnormalities: per-class AUROC, F1, precision and
     accuracy at CT-CLIP's threshold, macro means; writes zeroshot/<run>/."""
-    from ..eval.runs import resolve_model_dir, run_folder
     from ..eval.zeroshot import format_table, run_zeroshot
 
-    root = sctx.project.root
-    model_path = resolve_model_dir(root, model_dir)
-    run_dir = run_folder(root, "zeroshot", run_name, model_path, split)
-    sctx.log.info("zero-shot of %s on %s -> %s", model_path, split, run_dir)
+    root, model_path, run_dir = eval_run(sctx, "zeroshot", model_dir, run_name, split)
     summary = run_zeroshot(root, model_path, run_dir, split=split, modes=mode, prompts=prompts, templates=templates,
                            local_prompts=local_prompts, labels=labels, bootstrap=bootstrap, seed=seed,
                            batch_size=batch_size, workers=workers, device=device, precision=precision, plot=plot,
@@ -49,12 +44,6 @@ def command(sctx: StageContext, model_dir, split, mode, prompts, templates, loca
     publish(sctx, "zeroshot.run", run_dir, summary, format_table(summary), json_)
 
 
-STAGE = Stage(
-    name="zeroshot",
-    command=command,
-    summary="Zero-shot abnormality detection (global, organ-level, organ crops) with CT-CLIP's metrics.",
-    inputs=("prep.manifest", "prep.volumes", "prep.regions", "prep.region_texts"),
-    outputs=(Artifact("zeroshot.run", "zeroshot", "metrics.json, per_class.csv, probabilities.parquet, roc.png "
-                                                  "of the latest run", optional=True),),
-    lock=lambda p: f"zeroshot.{p.get('run_name') or 'new'}",
-)
+STAGE = eval_stage("zeroshot", command,
+                   "Zero-shot abnormality detection (global, organ-level, organ crops) with CT-CLIP's metrics.",
+                   "metrics.json, per_class.csv, probabilities.parquet, roc.png")
