@@ -92,10 +92,15 @@ def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
         pass
 
 
+# Each child reports on a pipe once it runs Python again, i.e. after the fork hooks ran: the parent
+# waits for that before it prints the pid, so a SIGKILL never lands while the child is still between
+# fork() and its hook (the race that once failed CI: the child had not been scheduled yet).
 FORKS = {
-    "os.fork": "pid = os.fork()\nif pid == 0:\n    time.sleep(60)\n    os._exit(0)\n",
-    "multiprocessing": ("ctx = multiprocessing.get_context('fork')\n"
-                        "child = ctx.Process(target=time.sleep, args=(60,))\nchild.start()\npid = child.pid\n"),
+    "os.fork": ("r, w = os.pipe()\npid = os.fork()\nif pid == 0:\n    os.write(w, b'x')\n"
+                "    time.sleep(60)\n    os._exit(0)\nassert os.read(r, 1) == b'x'\n"),
+    "multiprocessing": ("ctx = multiprocessing.get_context('fork')\nready = ctx.Event()\n"
+                        "child = ctx.Process(target=lambda: (ready.set(), time.sleep(60)))\nchild.start()\n"
+                        "assert ready.wait(30)\npid = child.pid\n"),
 }
 
 
