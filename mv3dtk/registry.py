@@ -131,7 +131,7 @@ def _dist_of(ep: metadata.EntryPoint) -> tuple[str, str]:
 def _load_one(ep: metadata.EntryPoint, dist: str) -> Stage:
     try:
         obj = ep.load()
-    except Exception as e:  # a broken plugin must never break the CLI
+    except (Exception, SystemExit) as e:  # a broken plugin must never break the CLI (sys.exit() at import too)
         raise RuntimeError(f"import failed: {type(e).__name__}: {e}") from e
     if not isinstance(obj, Stage):
         raise RuntimeError(f"entry point {ep.value!r} is a {type(obj).__name__}, not an mv3dtk.Stage")

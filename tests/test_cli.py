@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import run_mv3d
+from mv3dtk.errors import NotAProjectError
+from mv3dtk.project import Project
 
 HEAVY = ("torch", "monai", "transformers", "duckdb", "nnunetv2", "polars", "numpy", "peft", "nibabel")
 
@@ -55,10 +59,17 @@ def test_init_creates_skeleton_and_is_idempotent(tmp_path, mv3d_cli):
     assert (d / "mv3d.toml").read_text() == "[stages.synth]\nseed = 3\n"  # user settings kept
 
 
-def test_init_refuses_a_file(tmp_path, mv3d_cli):
+def test_init_refuses_a_file_and_says_why(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    mv3d_cli(["init", str(f)], ok=False)
+    proc = run_mv3d("init", str(f), check=False)
+    assert proc.returncode == 2, proc.stderr  # a usage error, not a crash
+    assert f"Error: Invalid value for '[DIRECTORY]': Directory '{f}' is a file." in proc.stderr
+    assert "Try 'mv3d init --help' for help." in proc.stderr and "Traceback" not in proc.stderr
+    assert f.read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["file"]  # nothing written
+    # the library's own guard, for callers that bypass Click (prep creating its project in place)
+    with pytest.raises(NotAProjectError, match=r"exists and is a file; choose another project directory"):
+        Project.init(f)
 
 
 def test_status_outside_a_project_says_how_to_create_one(tmp_path):
@@ -70,9 +81,10 @@ def test_status_outside_a_project_says_how_to_create_one(tmp_path):
 
 def test_debug_shows_the_traceback(tmp_path):
     proc = run_mv3d("--debug", "-P", str(tmp_path / "nope"), "status", check=False)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "NotAProjectError" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert "mv3dtk.errors.NotAProjectError: project directory" in proc.stderr and "mv3d init" in proc.stderr
     proc = run_mv3d("-P", str(tmp_path / "nope"), "status", check=False, env={"MV3D_DEBUG": "1"})
-    assert "Traceback" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "NotAProjectError" in proc.stderr
 
 
 def test_project_from_environment(tmp_path, mv3d_cli):
@@ -104,7 +116,7 @@ def test_plugins_json_lists_third_party_only_unless_all(mv3d_cli):
 
 def test_unknown_command_suggests_the_closest(mv3d_cli):
     res = mv3d_cli(["stat"], ok=False)
-    assert "No such stage or command 'stat'" in res.output and "Did you mean" in res.output
+    assert res.exit_code == 2 and "No such stage or command 'stat'" in res.output and "Did you mean" in res.output
 
 
 def test_verbosity_flags(tmp_path, mv3d_cli):

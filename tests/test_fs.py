@@ -6,10 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import pytest
 
+from mv3dtk import fs
 from mv3dtk.fs import FileLock, atomic_path, atomic_write_json, atomic_write_text, clean_temporaries, read_json
 from mv3dtk.errors import StageLockedError
 
@@ -71,20 +74,36 @@ def test_clean_temporaries_spares_live_writers(tmp_path):
         assert clean_temporaries(tmp_path) == 0 and tmp.exists()
 
 
-def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path, monkeypatch):
     code = (
-        "import time\n"
+        "import sys\n"
         "from mv3dtk.fs import FileLock\n"
         f"lock = FileLock({str(tmp_path / 'l.lock')!r}, 'thing').acquire(holder='pid 4242 on box')\n"
-        "print('held', flush=True); time.sleep(60)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "lock.release()\n"
+        "print('released', flush=True)\n"
+        "sys.stdin.readline()\n"
     )
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "held"
-        t0 = time.monotonic()
         with pytest.raises(StageLockedError, match="thing is in use by pid 4242 on box"):
-            FileLock(tmp_path / "l.lock", "thing").acquire(timeout=0.3)
-        assert time.monotonic() - t0 >= 0.3
+            FileLock(tmp_path / "l.lock", "thing").acquire()
+        # a waiter with a timeout keeps retrying: the holder lets go while it waits, and it gets the lock
+        retrying = threading.Event()  # set once the waiter has found the lock taken and sleeps to retry
+        monkeypatch.setattr(fs, "time", types.SimpleNamespace(
+            monotonic=time.monotonic, sleep=lambda s: (retrying.set(), time.sleep(s))))
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(FileLock(tmp_path / "l.lock", "thing").acquire(timeout=120)))
+        waiter.start()
+        assert retrying.wait(120)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "released"
+        waiter.join(120)
+        assert len(got) == 1 and got[0].path.read_text() == f"pid {os.getpid()}"
+        got[0].release()
     finally:
         p.kill()
         p.wait()
