@@ -49,14 +49,19 @@ from mv3dtk.fs import atomic_path, atomic_write_text
 @click.command("make-a")
 @click.option("--value", default=1, type=int, help="Value to write.")
 @click.option("--api-key", default=None, help="A secret that must never be recorded.")
-@click.option("--sleep", default=0.0, type=float)
+@click.option("--wait-for", default=None, type=click.Path(path_type=Path),
+              help="Hold the stage (its lock taken, its run recorded) until this file exists (at most 120 s).")
 @click.option("--fail-after-partial", is_flag=True, help="Write half a file, then fail.")
 @click.option("--user-error", is_flag=True)
 @pass_stage_context
-def make_a(sctx, value, api_key, sleep, fail_after_partial, user_error):
+def make_a(sctx, value, api_key, wait_for, fail_after_partial, user_error):
     """Write make-a/data.txt."""
     sctx.log.info("make-a writing value %d", value)
-    time.sleep(sleep)
+    deadline = time.monotonic() + 120
+    while wait_for is not None and not wait_for.exists():
+        if time.monotonic() > deadline:
+            raise Mv3dError(f"{wait_for} did not appear within 120 s")
+        time.sleep(0.02)
     if user_error:
         raise Mv3dError("bad value; pass --value 5")
     with atomic_path(sctx.output_path("make-a.data")) as tmp:

@@ -23,7 +23,7 @@ from helpers import REPO, run_mv3d
 from mv3dtk import Project
 from mv3dtk.data.ctrate import ABNORMALITIES
 from mv3dtk.data.synth import make_synthetic_dataset
-from mv3dtk.errors import ConfigError, MissingInputError, Mv3dError
+from mv3dtk.errors import ConfigError, MissingInputError, Mv3dError, StageLockedError
 from mv3dtk.text.zeroshot_prompts import ctclip_prompts
 from mv3dtk import index as ix
 from mv3dtk.text.encoders import HFEncoder, MV3DEncoder, resolve_encoder
@@ -315,16 +315,30 @@ WRITER = textwrap.dedent("""
     from mv3dtk.text.encoders import HFEncoder
     from mv3dtk.index import build_index
 
-    project, model, marker, delay, wait = sys.argv[1:6]
+    project, model, marker, gate, wait = sys.argv[1:6]
 
-    class Slow(HFEncoder):  # records each batch, then takes its time
+    def allowed():  # how many batches the test lets through so far
+        try:
+            with open(gate) as fh:
+                return int(fh.read())
+        except (OSError, ValueError):
+            return 0
+
+    class Gated(HFEncoder):  # records each batch, then waits at the gate
+        done = 0
+
         def encode(self, texts, batch_size=64):
             with open(marker, "a") as fh:
                 fh.write(f"{len(texts)}\\n")
-            time.sleep(float(delay))
+            deadline = time.monotonic() + 120
+            while allowed() <= self.done:
+                if time.monotonic() > deadline:
+                    sys.exit(f"the gate {gate} stayed closed at batch {self.done + 1}")
+                time.sleep(0.01)
+            self.done += 1
             return super().encode(texts, batch_size)
 
-    encoder = Slow(model, device="cpu") if float(delay) > 0 else model
+    encoder = Gated(model, device="cpu") if gate != "-" else model
     try:
         s = build_index(project, encoder=encoder, origins="report", batch_size=4, chunk=8, wait=float(wait))
     except Mv3dError as e:
@@ -334,45 +348,70 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def _wait_for(cond, timeout: float = 60.0) -> None:
+def _wait_for(cond, what: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
+def _open_gate(gate: Path, batches: int) -> None:
+    tmp = gate.with_name(gate.name + ".tmp")
+    tmp.write_text(str(batches))
+    os.replace(tmp, gate)  # the writer never reads a half-written number
+
+
+def _index(root: Path, identity: str) -> tuple[list[str], list[str], torch.Tensor]:
+    """(text ids, texts, embeddings) of the index's report rows, by text id."""
+    ids, texts, emb = ix.load_matrix(ix.index_path(root), identity, origins="report")
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    return [ids[i] for i in order], [texts[i] for i in order], emb[order]
+
+
+@pytest.mark.timeout(300)
 def test_two_writers_serialise_readers_fail_clearly_and_a_killed_writer_resumes(tmp_path, tiny_bert):
+    """40 texts, batches of 4, a commit every 8. The first writer is held at a gate inside its first
+    batch while a second writer and a reader are refused, naming it, and a third waits for the lock;
+    it is let through 4 batches (2 commits: 16 rows) and SIGKILLed inside the 5th. The waiting
+    writer then gets the lock, embeds only the 24 missing texts, and the index equals one built
+    without interruption."""
     reports = _sentences(40)
     root = _mini_project(tmp_path / "p", reports)
-    script, marker = tmp_path / "writer.py", tmp_path / "batches.txt"
+    script, marker, gate = tmp_path / "writer.py", tmp_path / "batches.txt", tmp_path / "gate"
     script.write_text(WRITER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
-    def writer(delay: float, wait: float) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(script), str(root), str(tiny_bert), str(marker), str(delay),
-                                 str(wait)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    def writer(gated: bool, wait: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), str(root), str(tiny_bert), str(marker),
+                                 str(gate) if gated else "-", str(wait)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
 
     def batches() -> int:
         return len(marker.read_text().splitlines()) if marker.exists() else 0
 
-    slow = writer(delay=1.0, wait=0)  # 10 batches of 4, a commit every 8 texts
-    _wait_for(lambda: batches() >= 1 or slow.poll() is not None)
-    assert slow.poll() is None, slow.communicate()
-    impatient, patient = writer(delay=0, wait=0), writer(delay=0, wait=120)
-    out, err = impatient.communicate(timeout=120)
-    assert impatient.returncode == 3 and f"in use by mv3d index-texts (pid {slow.pid}" in out, (out, err)
-    with pytest.raises(Mv3dError, match=f"being written by mv3d index-texts \\(pid {slow.pid}"):
+    first = writer(gated=True, wait=0)
+    _wait_for(lambda: batches() >= 1 or first.poll() is not None, "the first writer's first batch")
+    assert first.poll() is None, first.communicate()
+    holder = f"mv3d index-texts \\(pid {first.pid} "
+    with pytest.raises(StageLockedError, match=f"the text index .* is in use by {holder}"):
+        ix.build_index(root, encoder=str(tiny_bert), origins="report", wait=0)
+    with pytest.raises(Mv3dError, match=f"is being written by {holder}.*wait for that build to finish"):
         ix.index_stats(ix.index_path(root))
-    _wait_for(lambda: batches() >= 5)  # two chunks (16 texts) committed, the third under way
-    assert slow.poll() is None, "the slow writer finished too early for this test"
-    slow.send_signal(signal.SIGKILL)
-    slow.wait()
-    out, err = patient.communicate(timeout=120)  # got the lock when the slow writer died; resumed
+    patient = writer(gated=False, wait=120)
+    _open_gate(gate, 4)
+    _wait_for(lambda: batches() >= 5 or first.poll() is not None, "the first writer's 5th batch")
+    assert first.poll() is None and patient.poll() is None, (first.communicate(), patient.communicate())
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert first.returncode == -signal.SIGKILL and batches() == 5  # killed inside its 5th batch
+    out, err = patient.communicate(timeout=120)  # got the lock when the first writer died; resumed
     assert patient.returncode == 0, (out, err)
-    encoded, new_rows = map(int, out.split()[1:3])
-    assert encoded == new_rows and 0 < encoded <= 40 - 16
-    enc = HFEncoder(str(tiny_bert), device="cpu")
-    ids, texts, emb = ix.load_matrix(ix.index_path(root), enc.identity, origins="report")
-    assert sorted(texts) == sorted(reports) and len(set(ids)) == 40  # intact: every text once
-    torch.testing.assert_close(emb, enc.encode(texts), atol=2e-5, rtol=0)
+    assert out.split() == ["OK", "24", "24"]  # the killed writer's 2 commits (16 of 40 rows) were kept
+    clean = _mini_project(tmp_path / "clean", reports)
+    ix.build_index(clean, encoder=str(tiny_bert), origins="report", batch_size=4, chunk=8, device="cpu")
+    identity = HFEncoder(str(tiny_bert), device="cpu").identity
+    ids, texts, emb = _index(root, identity)
+    clean_ids, clean_texts, clean_emb = _index(clean, identity)
+    assert ids == clean_ids and texts == clean_texts and len(set(ids)) == 40  # every text once
+    torch.testing.assert_close(emb, clean_emb, atol=2e-5, rtol=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from helpers import run_mv3d
 from mv3dtk.data import ctrate
 from mv3dtk.data.ingest import table_schema
 from mv3dtk.data.synth import make_synthetic_dataset
+from mv3dtk.fs import TMP_PREFIX
 
 SMALL = ["--size", "32", "48", "48", "--spacing", "3", "1.5", "1.5"]  # synth (32,64,64) at 3x0.75x0.75 mm
 
@@ -188,20 +190,46 @@ def test_rerun_skips_done_volumes_and_redoes_changed_ones(synth, mv3d_project):
     assert "0 already done" in changed.stderr and np.load(vol).shape == (32, 40, 40)
 
 
+def _records(project) -> int:
+    """Volumes committed so far: prep writes ``prep/records/<id>.json`` last, once a volume is done."""
+    folder = project.root / "prep" / "records"
+    return sum(p.suffix == ".json" and not p.name.startswith(TMP_PREFIX) for p in folder.glob("*")) \
+        if folder.is_dir() else 0
+
+
 @pytest.mark.slow
-def test_sigkill_at_any_moment_then_rerun_gives_a_complete_correct_project(tmp_path, synth, mv3d_project):
+@pytest.mark.timeout(240)
+def test_sigkill_mid_run_then_rerun_gives_a_complete_correct_project(tmp_path, mv3d_project):
+    """Killed twice while volumes are being written (after ~1/4, then ~3/4 of them), each time with
+    the work really partial, the rerun resumes and gives the bytes of an uninterrupted run."""
+    data = make_synthetic_dataset(tmp_path / "data", n_train=10, n_valid=2, shape=(32, 64, 64), seed=1,
+                                  fine_anatomies=False).root
+    big = ["--size", "64", "128", "128", "--spacing", "1.5", "0.375", "0.375", "--workers", "1"]  # ~0.2 s a volume
     clean = type(mv3d_project).init(tmp_path / "clean")
-    _prep(clean, str(synth), *SMALL)
-    exe = [sys.executable, "-m", "mv3dtk", "-P", str(mv3d_project.root), "prep", str(synth), *SMALL]
-    for delay in (0.2, 0.6, 1.0):  # kill at different moments
-        p = subprocess.Popen(exe, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        p.kill()
-        p.wait()
-    subprocess.run(exe, check=True, capture_output=True)
+    _prep(clean, str(data), *big)
+    n = _table(clean).height
+    assert n >= 12
+    exe = [sys.executable, "-m", "mv3dtk", "-P", str(mv3d_project.root), "prep", str(data), *big]
+    done = 0
+    for target in (n // 4, 3 * n // 4):
+        log = tmp_path / f"killed-at-{target}.log"
+        with open(log, "w") as err:
+            p = subprocess.Popen(exe, stderr=err)
+            deadline = time.monotonic() + 120
+            while _records(mv3d_project) < target and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            p.kill()
+            p.wait()
+        assert p.returncode == -signal.SIGKILL, log.read_text()  # killed, not exited
+        assert f"{done} already done, {n - done} to process" in log.read_text()  # resumed the last kill's work
+        done = _records(mv3d_project)
+        assert target <= done < n, (target, done, n)  # the kill landed mid-run
+        assert not (mv3d_project.root / "prep/volumes.parquet").exists()
+    rerun = _prep(mv3d_project, str(data), *big)
+    assert f"{done} already done, {n - done} to process" in rerun.stderr
     assert _outputs(mv3d_project) == _outputs(clean)
     assert _table(mv3d_project).equals(_table(clean))
-    leftovers = [p for p in (mv3d_project.root / "prep").rglob(".tmp-*")]
+    leftovers = [p for p in (mv3d_project.root / "prep").rglob(f"{TMP_PREFIX}*")]
     assert leftovers == []
 
 

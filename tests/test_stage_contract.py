@@ -5,10 +5,13 @@ distribution (tests/helpers.py) discovered through the real entry-point machiner
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 import time
 
+import click
 import pytest
 
 from helpers import run_mv3d
@@ -41,7 +44,7 @@ def test_run_record_manifest_and_status(teststages, mv3d_project, mv3d_cli):
     rec = json.loads((run / "run.json").read_text())
     assert rec["status"] == "done" and rec["stage"] == "make-a" and rec["distribution"] == "mv3d-teststages"
     assert rec["config"]["value"] == {"value": 7, "source": "commandline"}
-    assert rec["config"]["sleep"] == {"value": 0.0, "source": "default"}
+    assert rec["config"]["wait_for"] == {"value": None, "source": "default"}
     assert rec["versions"]["mv3d"] and rec["versions"]["click"] and rec["duration_s"] >= 0
     assert rec["outputs"]["make-a.data"]["path"] == "make-a/data.txt"
     assert "make-a writing value 7" in (run / "log.txt").read_text()
@@ -140,19 +143,30 @@ def test_invalid_toml_is_a_clear_error(teststages, mv3d_project, mv3d_cli):
     assert "is not valid TOML" in res.output
 
 
-def test_two_processes_running_the_same_stage_fail_cleanly(teststages, mv3d_project):
+def _wait_for_run_log(project, proc) -> None:
+    """Until the run has taken its lock and recorded itself (its log.txt exists)."""
+    deadline = time.monotonic() + 120
+    while not list(project.runs_dir.glob("*/log.txt")):
+        assert proc.poll() is None, f"the run exited {proc.returncode} before it was recorded"
+        assert time.monotonic() < deadline, "the run did not start within 120 s"
+        time.sleep(0.02)
+
+
+def test_two_processes_running_the_same_stage_fail_cleanly(teststages, mv3d_project, tmp_path):
     exe = [sys.executable, "-m", "mv3dtk", "-P", str(mv3d_project.root)]
-    slow = subprocess.Popen([*exe, "make-a", "--value", "1", "--sleep", "4"], stderr=subprocess.PIPE, text=True)
+    gate = tmp_path / "gate"
+    slow = subprocess.Popen([*exe, "make-a", "--value", "1", "--wait-for", str(gate)], stderr=subprocess.PIPE,
+                            text=True)
     try:
-        deadline = time.time() + 30
-        while not list(mv3d_project.runs_dir.glob("*/log.txt")) and time.time() < deadline:  # holds the lock
-            time.sleep(0.05)
+        _wait_for_run_log(mv3d_project, slow)  # holds the lock, waits at the gate
         status = subprocess.run([*exe, "status", "--json"], capture_output=True, text=True, timeout=60)
         assert {r["stage"]: r["status"] for r in json.loads(status.stdout)}["make-a"] == "running"
         second = subprocess.run([*exe, "make-a", "--value", "2"], capture_output=True, text=True, timeout=60)
         assert second.returncode == 1
-        assert "Error: stage 'make-a' in project" in second.stderr and "is in use by pid" in second.stderr
-        assert slow.wait(timeout=60) == 0
+        assert f"Error: stage 'make-a' in project {mv3d_project.root} is in use by pid {slow.pid} " in second.stderr
+        assert slow.poll() is None  # the refusal came while the first run held the lock
+        gate.touch()
+        assert slow.wait(timeout=60) == 0, slow.stderr.read()
     finally:
         slow.kill()
     assert (mv3d_project.root / "make-a/data.txt").read_text() == "value=1\n"
@@ -161,14 +175,13 @@ def test_two_processes_running_the_same_stage_fail_cleanly(teststages, mv3d_proj
     assert subprocess.run([*exe, "make-a", "--value", "3"], capture_output=True).returncode == 0
 
 
-def test_a_killed_run_releases_its_lock(teststages, mv3d_project):
+def test_a_killed_run_releases_its_lock(teststages, mv3d_project, tmp_path):
     exe = [sys.executable, "-m", "mv3dtk", "-P", str(mv3d_project.root)]
-    p = subprocess.Popen([*exe, "make-a", "--sleep", "30"], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while not list(mv3d_project.runs_dir.glob("*/log.txt")) and time.time() < deadline:
-        time.sleep(0.05)
+    p = subprocess.Popen([*exe, "make-a", "--wait-for", str(tmp_path / "never")], stderr=subprocess.DEVNULL)
+    _wait_for_run_log(mv3d_project, p)
     p.kill()
     p.wait()
+    assert p.returncode == -signal.SIGKILL  # killed while it held the lock
     proc = subprocess.run([*exe, "make-a", "--value", "5"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     statuses = [json.loads((r / "run.json").read_text())["status"] for r in _runs(mv3d_project)]
@@ -180,9 +193,32 @@ def test_distributed_non_main_rank_does_not_write_records(teststages, mv3d_proje
     assert _runs(mv3d_project) == [] and mv3d_project.manifest()["stages"] == {}
 
 
-@pytest.mark.parametrize("bad", ["stage_lock", "../escape"])
-def test_artifact_and_stage_names_are_validated(bad):
+@pytest.mark.parametrize("bad", ["stage_lock", "Make-a", "1st", "-lead", "make a", "../escape", ""])
+def test_invalid_stage_names_are_refused(bad):
+    from mv3dtk import Stage
+
+    cmd = click.Command("x")
+    with pytest.raises(ValueError, match=f"^stage name {re.escape(repr(bad))} must be lowercase letters, digits "
+                                         "and '-'$"):
+        Stage(bad, cmd)
+    assert Stage("make-a2", cmd).name == "make-a2"
+    with pytest.raises(TypeError, match="stage 'make-a': command must be a click.Command"):
+        Stage("make-a", lambda: None)
+
+
+@pytest.mark.parametrize("key", ["stage_lock", "prep", "Prep.volumes", ".volumes", "prep/volumes", ""])
+def test_invalid_artifact_keys_are_refused(key):
     from mv3dtk import Artifact
 
-    with pytest.raises(ValueError):
-        Artifact("x.y", bad if "/" in bad else "") if "/" in bad else Artifact(bad)
+    with pytest.raises(ValueError, match=f"^artifact key {re.escape(repr(key))} must look like '<stage>.<name>'$"):
+        Artifact(key)
+
+
+@pytest.mark.parametrize("path", ["../escape", "prep/../../escape", "/etc/passwd"])
+def test_artifact_paths_outside_the_project_are_refused(path):
+    from mv3dtk import Artifact
+
+    with pytest.raises(ValueError, match=f"^artifact 'x.y': path {re.escape(repr(path))} must stay inside the "
+                                         "project$"):
+        Artifact("x.y", path)
+    assert Artifact("x.y").path == "x/y" and Artifact("x.y.z", "x/a..b").path == "x/a..b"
