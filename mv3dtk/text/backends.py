@@ -39,14 +39,32 @@ def normalize_url(url: str) -> str:
 
 
 def is_loopback(url: str) -> bool:
-    """True for localhost / 127.0.0.0/8 / ::1 (and 0.0.0.0, which clients map to localhost)."""
-    host = urlparse(normalize_url(url)).hostname or ""
-    if host in ("localhost", "0.0.0.0"):
+    """True when ``url``'s host is this machine whatever a resolver says: ``localhost`` (any case),
+    an address in 127.0.0.0/8, ``::1`` (also as ``::ffff:127.x.y.z``), or ``0.0.0.0`` / ``::``, which
+    clients connect to as this machine. Every other name is remote, never resolved here: a resolver
+    (DNS) decides where ``localhost.``, ``localhost.example.com`` or ``127.0.0.1.nip.io`` go, and
+    ``http://127.0.0.1@evil.com/`` goes to evil.com (the host the ollama and openai clients use)."""
+    try:
+        host = urlparse(normalize_url(url)).hostname or ""
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+        return False
+    if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return False  # a host name other than localhost: treat as remote, never resolve it here
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_unspecified
+
+
+def local_only(url: str) -> dict:
+    """httpx settings that keep the requests to a loopback ``url`` on this machine: no proxy from the
+    environment (``HTTP_PROXY``/``ALL_PROXY`` would otherwise receive the reports) and no redirect
+    (one could lead anywhere). Empty for a remote ``url``: that needs ``--allow-remote`` anyway, and
+    may need the proxy."""
+    return {"trust_env": False, "follow_redirects": False} if is_loopback(url) else {}
 
 
 class RewriteBackend:
@@ -89,7 +107,7 @@ class OllamaBackend(RewriteBackend):
 
         self._model = model or "llama3.1:8b"
         self.endpoint = normalize_url(host or os.environ.get("OLLAMA_HOST") or OLLAMA_DEFAULT)
-        self._client = ollama.Client(host=self.endpoint, timeout=timeout)
+        self._client = ollama.Client(host=self.endpoint, timeout=timeout, **local_only(self.endpoint))
         self._options = {"temperature": temperature, **({"seed": seed} if seed is not None else {})}
 
     @property
@@ -108,7 +126,7 @@ class OllamaBackend(RewriteBackend):
             if e.status_code == 404:
                 raise BackendError(f"model {self._model!r} is not available at {self.endpoint}: {e.error}; pull it "
                                    f"first (ollama pull {self._model}) or pass another --model") from e
-            raise _status_error(e.status_code, e.error) from e
+            raise _status_error(e.status_code, e.error, self.endpoint) from e
         except (httpx.HTTPError, ConnectionError, OSError, ValueError, AttributeError, TypeError) as e:
             raise TransientError(f"{type(e).__name__}: {e}") from e
 
@@ -128,7 +146,9 @@ class OpenAIBackend(RewriteBackend):
         if not key and not is_loopback(self.endpoint):
             raise ConfigError(f"no API key for {self.endpoint}: set OPENAI_API_KEY in the environment "
                               "(keys are never read from options or mv3d.toml)")
-        self._client = openai.OpenAI(base_url=self.endpoint, api_key=key or "EMPTY", max_retries=0, timeout=timeout)
+        local = local_only(self.endpoint)
+        self._client = openai.OpenAI(base_url=self.endpoint, api_key=key or "EMPTY", max_retries=0, timeout=timeout,
+                                     http_client=openai.DefaultHttpxClient(**local) if local else None)
         self._kwargs = {"temperature": temperature, **({"seed": seed} if seed is not None else {})}
 
     @property
@@ -149,7 +169,7 @@ class OpenAIBackend(RewriteBackend):
             if e.status_code in (401, 403):
                 raise BackendError(f"{self.endpoint} refused the credentials ({e.status_code}); check OPENAI_API_KEY "
                                    "in the environment") from e
-            raise _status_error(e.status_code, e.message) from e
+            raise _status_error(e.status_code, e.message, self.endpoint) from e
         except (openai.APIError, OSError, ValueError, AttributeError, TypeError, IndexError) as e:
             raise TransientError(f"{type(e).__name__}: {e}") from e
 
@@ -160,7 +180,11 @@ def _content(content) -> str:
     return content.strip()
 
 
-def _status_error(status: int, message: str) -> Exception:
+def _status_error(status: int, message: str, endpoint: str) -> Exception:
+    if 300 <= status < 400:
+        return BackendError(f"{endpoint} answered with a redirect (HTTP {status}); mv3d follows no redirect from a "
+                            "server on this machine, as it could send the reports to another one: pass the address "
+                            "it redirects to as --host/--base-url (with --allow-remote if that is not this machine)")
     if status >= 500 or status in (408, 409, 429):
         return TransientError(f"HTTP {status}: {message}")
     return BackendError(f"the LLM server answered HTTP {status}: {message}")

@@ -24,9 +24,14 @@ The reply to a chat request is decided, in this order, by
    into sentences (a "Findings:" heading removed) and joined by single spaces.
 
 Behaviours: :class:`Normal`, :class:`Status`, :class:`Delay`, :class:`Garbage`, :class:`Empty`,
-:class:`Reply` and :class:`Drop`. An unknown model gets a 404 in the API's own error format
-(unless the behaviour is Status, Garbage or Drop, which win). ``latency`` is slept before every
+:class:`Reply`, :class:`Redirect` and :class:`Drop`. An unknown model gets a 404 in the API's own
+error format (unless the behaviour is Status, Redirect, Garbage or Drop, which win). ``latency`` is slept before every
 chat reply (before the first chunk of a stream); :meth:`FakeLLM.close` interrupts it.
+
+Gates replace sleeps in tests: :meth:`FakeLLM.hold` makes chat requests wait at the server (after
+the first ``after`` of them) until :meth:`FakeLLM.release`; :meth:`FakeLLM.wait_for` polls a
+condition with a deadline (e.g. ``llm.wait_for(lambda: llm.held() == 8)``: eight requests are at
+the server at once). Each :class:`Request` records when it arrived and when it was answered.
 
 Modules: :mod:`.behaviours` (what to do with a request), :mod:`.replies` (the default reply text),
 :mod:`.records` (:class:`Request`), :mod:`.handler` (the HTTP side), :mod:`.server` (:class:`FakeLLM`).
@@ -35,7 +40,7 @@ Importing this package imports neither ``ollama``, ``openai`` nor ``torch``.
 
 from __future__ import annotations
 
-from .behaviours import Behaviour, Delay, Drop, Empty, Garbage, Normal, Reply, Status
+from .behaviours import Behaviour, Delay, Drop, Empty, Garbage, Normal, Redirect, Reply, Status
 from .records import Request
 from .replies import default_reply, split_sentences
 from .server import FakeLLM
@@ -48,6 +53,7 @@ __all__ = [
     "FakeLLM",
     "Garbage",
     "Normal",
+    "Redirect",
     "Reply",
     "Request",
     "Status",

@@ -1,5 +1,5 @@
 """What the fake server does with one chat request: :class:`Normal`, :class:`Status`, :class:`Delay`,
-:class:`Garbage`, :class:`Empty`, :class:`Reply` and :class:`Drop`."""
+:class:`Garbage`, :class:`Empty`, :class:`Reply`, :class:`Redirect` and :class:`Drop`."""
 
 from __future__ import annotations
 
@@ -55,6 +55,15 @@ class Reply(Behaviour):
     """HTTP 200 with exactly this content (e.g. one that invents a finding)."""
 
     text: str = ""
+
+
+@dataclass(repr=True)
+class Redirect(Behaviour):
+    """HTTP ``code`` (a redirect) to ``location``, an absolute URL; e.g. a local server that would
+    send the client, and the reports in its request body, to another machine."""
+
+    location: str = "http://127.0.0.1:9/"
+    code: int = 307
 
 
 @dataclass(repr=True)

@@ -11,7 +11,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from .behaviours import Delay, Drop, Empty, Garbage, Normal, Reply, Status
+from .behaviours import Delay, Drop, Empty, Garbage, Normal, Redirect, Reply, Status
 from .records import CHAT_PATHS, OPENAI_CHAT, Request
 from .replies import default_reply, prompt_words, stream_pieces
 
@@ -262,6 +262,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         fake = self.server.fake
         rec = self._rec
         openai = path == OPENAI_CHAT
+        if not fake._pass_gate():  # held by FakeLLM.hold() until the server closed
+            self._drop()
         if not isinstance(body, dict):
             rec.behaviour = Normal()
             self._error(openai, 400, "invalid JSON request body" if raw else "missing request body")
@@ -273,6 +275,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
         if isinstance(b, Drop):
             self._drop()
+        if isinstance(b, Redirect):
+            self._sleep(fake.latency)
+            self._send(b.code, b"", headers={"Location": b.location})
+            return
         if isinstance(b, Status):
             msg = b.message or _STATUS_MESSAGES.get(b.code) or f"fake error {b.code}"
             hdrs = {"Retry-After": f"{b.retry_after:g}"} if b.retry_after is not None else None

@@ -40,6 +40,10 @@ class FakeLLM:
         self.requests: list[Request] = []
         self.errors: list[str] = []  # tracebacks of unexpected server-side exceptions
         self._lock = threading.Lock()
+        self._gate = threading.Condition(self._lock)
+        self._hold_after: int | None = None  # None: the gate is open; else requests still let through
+        self._held = 0
+        self._releases = 0  # a held request goes on once this changes
         self._queue: collections.deque[Behaviour] = collections.deque()
         self._closing = threading.Event()
         self._conns: set[socket.socket] = set()
@@ -69,6 +73,8 @@ class FakeLLM:
         if server is None or self._closing.is_set():
             return
         self._closing.set()
+        with self._gate:
+            self._gate.notify_all()  # held requests: their connections are dropped
         server.shutdown()
         server.server_close()
         with self._lock:
@@ -127,6 +133,43 @@ class FakeLLM:
         with self._lock:
             return len(self._queue)
 
+    def hold(self, *, after: int = 0) -> "FakeLLM":
+        """Close the gate: the next ``after`` chat requests are answered as usual, every later one
+        waits at the server (in flight, unanswered) until :meth:`release` or :meth:`close` (which
+        drops its connection). Makes a client slow exactly where a test wants it, without sleeps."""
+        with self._gate:
+            self._hold_after = after
+        return self
+
+    def release(self) -> None:
+        """Open the gate: held requests are answered, later ones are not held."""
+        with self._gate:
+            self._hold_after = None
+            self._releases += 1
+            self._gate.notify_all()
+
+    def held(self) -> int:
+        """How many chat requests are waiting at the gate now."""
+        with self._lock:
+            return self._held
+
+    def in_flight(self) -> int:
+        """How many chat requests are being served now (held ones included)."""
+        with self._lock:
+            return self._in_flight
+
+    def wait_for(self, condition: Callable[[], bool], *, timeout: float = 30.0, what: str = "") -> None:
+        """Poll ``condition()`` until it is true; after ``timeout`` seconds raise ``TimeoutError``
+        saying ``what`` was awaited and what the server saw (a deadline, never a fixed sleep)."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"FakeLLM: waited {timeout:g} s for {what or repr(condition)}; the server saw "
+                    f"{len(self.chat_requests())} chat requests, {self.in_flight()} in flight, "
+                    f"{self.held()} held, {len(self.errors)} errors")
+            time.sleep(0.01)
+
     def in_flight_max(self) -> int:
         """The largest number of chat requests that were being served at the same time."""
         with self._lock:
@@ -153,6 +196,23 @@ class FakeLLM:
     def _track(self, conn: socket.socket, add: bool) -> None:
         with self._lock:
             (self._conns.add if add else self._conns.discard)(conn)
+
+    def _pass_gate(self) -> bool:
+        """Called by each chat request before it is answered; False if the server closed meanwhile."""
+        with self._gate:
+            if self._hold_after is None:
+                return True
+            if self._hold_after > 0:
+                self._hold_after -= 1
+                return True
+            self._held += 1
+            releases = self._releases
+            try:
+                while self._releases == releases and not self._closing.is_set():
+                    self._gate.wait()
+            finally:
+                self._held -= 1
+            return not self._closing.is_set()
 
     def _enter(self) -> None:
         with self._lock:
