@@ -51,7 +51,9 @@ class StageGroup(click.Group):
             for info in get_registry().plugins.values():
                 for err in info.errors:
                     if err.startswith(f"stage {name!r}"):
-                        raise PluginError(f"{err} (plugin {info.distribution}); see: mv3d plugins")
+                        raise PluginError(f"{err} (plugin {info.distribution}); fix or reinstall that plugin "
+                                          f"(pip install --force-reinstall {info.distribution}) or uninstall it; "
+                                          "see: mv3d plugins")
             close = difflib.get_close_matches(name, self.list_commands(ctx), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else " See: mv3d --help"
             ctx.fail(f"No such stage or command '{name}'.{hint}")

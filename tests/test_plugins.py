@@ -96,7 +96,9 @@ def test_calling_a_broken_plugin_stage_explains_why(plugin_path, name):
     dist, ep, _, cause = BROKEN[name]
     proc = run_mv3d(name, "--help", check=False)
     assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr == f"Error: stage {name!r} ({ep}): import failed: {cause} (plugin {dist}); see: mv3d plugins\n"
+    assert proc.stderr == (f"Error: stage {name!r} ({ep}): import failed: {cause} (plugin {dist}); "
+                           f"fix or reinstall that plugin (pip install --force-reinstall {dist}) or uninstall it; "
+                           "see: mv3d plugins\n")
 
 
 def test_load_plugins_env_limits_what_loads(plugin_path):
