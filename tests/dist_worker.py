@@ -117,6 +117,44 @@ def statements_step(tower: nn.Module, x_g: torch.Tensor, rank: int, b: int) -> d
     return {"st_loss": loss.detach(), "st_grad_x_g": x.grad, "st_texts": torch.tensor(len(text)), **grads}
 
 
+BN_C = 3  # BatchNorm channels
+
+
+def bn_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of a BatchNorm3d (B, C, 2, 3, 2), off-centre, and the weights of its loss."""
+    g = torch.Generator().manual_seed(99)
+    return 3 * torch.randn(B, BN_C, 2, 3, 2, generator=g) + 1.5, torch.randn(B, BN_C, 2, 3, 2, generator=g)
+
+
+def batchnorm_step(x: torch.Tensor, w: torch.Tensor, distributed: bool) -> dict[str, torch.Tensor]:
+    """Two training steps of a BatchNorm3d on x (this rank's part), the loss a weighted sum of the gathered
+    outputs, then one eval forward. Distributed: converted as the pretraining loop converts a CPU model
+    (``global_batchnorm``) and DDP-wrapped."""
+    from mv3dtk.train.loop import GlobalBatchNorm, global_batchnorm
+
+    torch.manual_seed(3)
+    res = {}
+    net = nn.Sequential(nn.BatchNorm3d(BN_C, momentum=0.3))
+    with torch.no_grad():
+        net[0].weight.uniform_(0.5, 1.5)
+        net[0].bias.uniform_(-0.5, 0.5)
+    if distributed:
+        net = global_batchnorm(net)
+        res["bn_converted"] = torch.tensor(isinstance(net[0], GlobalBatchNorm))
+    run = nn.parallel.DistributedDataParallel(net) if distributed else net
+    for step, scale in enumerate((1.0, 0.5)):
+        xs = (x * scale).requires_grad_(True)
+        y = run(xs)
+        (gather_with_grad(y) * w).sum().backward()
+        res.update({f"bn{step}_out": gather_nograd(y), f"bn{step}_grad_x": xs.grad})
+        res.update({f"bn{step}_param_{k.replace('module.', '')}": p.grad.clone() for k, p in run.named_parameters()})
+        run.zero_grad()
+    res.update({f"bn_{k}": v.clone() for k, v in net[0].state_dict().items()})
+    net.eval()
+    res["bn_eval_out"] = net(x)
+    return res
+
+
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     info = init_distributed()
@@ -131,6 +169,8 @@ def main(out_dir: str) -> None:
     res = {k.replace("param_module.", "param_"): v for k, v in res.items()}
     tower.zero_grad()
     res.update(statements_step(tower, part["x_g"], info.rank, b))
+    x_bn, w_bn = bn_inputs()
+    res.update(batchnorm_step(x_bn[info.rank * b:(info.rank + 1) * b], w_bn, distributed=True))
     res["is_main"] = torch.tensor(is_main())
     res["rank"] = torch.tensor(info.rank)
     res["mean_of_ranks"] = all_reduce_mean(torch.tensor(float(info.rank)))

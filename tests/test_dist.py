@@ -81,6 +81,29 @@ def test_statements_global_term_is_the_single_process_one(ranks):
             torch.testing.assert_close(res[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+def test_batchnorm_statistics_span_the_global_batch(ranks):
+    """A BatchNorm3d in a 2-process CPU run (converted by the pretraining loop, as SyncBatchNorm does on
+    GPUs): outputs, input gradients (x world_size, as every gather), DDP's parameter gradients and the
+    running statistics equal one BatchNorm on the whole batch, over two steps; eval uses those statistics."""
+    x, w = W.bn_inputs()
+    ref = W.batchnorm_step(x, w, distributed=False)
+    b = W.B // 2
+    for r, res in enumerate(ranks):
+        assert bool(res["bn_converted"])
+        for step in (0, 1):
+            torch.testing.assert_close(res[f"bn{step}_out"], ref[f"bn{step}_out"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(res[f"bn{step}_grad_x"] / 2, ref[f"bn{step}_grad_x"][r * b:(r + 1) * b],
+                                       rtol=1e-5, atol=1e-6)
+            for k in ("0.weight", "0.bias"):
+                torch.testing.assert_close(res[f"bn{step}_param_{k}"], ref[f"bn{step}_param_{k}"], rtol=1e-5, atol=1e-6)
+        for k in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(res[f"bn_{k}"], ref[f"bn_{k}"], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(res["bn_eval_out"], ref["bn_eval_out"][r * b:(r + 1) * b], rtol=1e-5, atol=1e-6)
+    # the batch is off-centre: statistics of either half would differ from the global ones
+    halves = [x[:b].mean((0, 2, 3, 4)), x[b:].mean((0, 2, 3, 4))]
+    assert (halves[0] - halves[1]).abs().max() > 0.1
+
+
 def test_banks_identical_on_both_ranks(ranks, reference):
     for name in ("bank_g", "bank_l"):
         for k in ("queue", "ptr", "filled"):

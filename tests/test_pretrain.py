@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,13 +54,27 @@ def test_pretrain_writes_metrics_checkpoints_and_a_loadable_model(project):
     assert f"{rows[-1]['run_volumes_per_s']:.1f} volumes/s over the run" in proc.stderr
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # --report-to tensorboard
     assert sorted(c.name for c in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
-    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    _assert_plot(run / "loss.png", ["loss", "global", "local", "global_semantic", "local_semantic"])
     model = load_model(run / "model")
     assert model.config["image"]["backbone"] == "vit"
     art = p.manifest()["artifacts"]["pretrain.model"]
     assert art["path"] == "pretrain/r1/model"
     again = _pretrain(p, bert, "--max-steps", "4", "--run", "r1", check=False)
     assert again.returncode == 1 and "--resume" in again.stderr
+
+
+def _assert_plot(png, terms):
+    """``png`` decodes to the 640x360 figure plot_metrics draws, not blank, with a line in each term's colour."""
+    import matplotlib.colors
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)  # (H, W, 4) floats in [0, 1]
+    assert img.shape[:2] == (360, 640) and img[..., :3].std() > 0.05
+    rgb = (img[..., :3] * 255).round().astype(np.uint8).reshape(-1, 3)
+    assert len(np.unique(rgb, axis=0)) > 100  # lines, antialiasing, text: not a flat image
+    for i, term in enumerate(terms):  # matplotlib's colour cycle, in plot order: one line per term
+        colour = (np.array(matplotlib.colors.to_rgb(f"C{i}")) * 255).round().astype(np.uint8)
+        assert (rgb == colour).all(1).sum() > 50, f"no line of {term} (colour C{i}) in {png}"
 
 
 def test_losses_switch_off_and_missing_rewrite_falls_back(project):
@@ -93,7 +109,6 @@ def test_freeze_text_init_from_and_rsmb_warm_start_from_the_index(project):
     assert load_model(p.root / "pretrain" / "w1" / "model").config["image"] == model.config["image"]
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_reproduces_the_uninterrupted_loss_sequence(project):
     p, bert = project
     _pretrain(p, bert, "--max-steps", "6", "--checkpoint-every", "2", "--run", "straight")
@@ -106,8 +121,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_loss_sequence(project)
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(metrics.read_text().splitlines()) < 6  # really interrupted
+    assert proc.wait() == -signal.SIGKILL  # killed, not already finished
+    assert 3 <= len(metrics.read_text().splitlines()) < 6  # really interrupted mid-run
     _pretrain(p, bert, "--max-steps", "6", "--checkpoint-every", "2", "--run", "killed", "--resume")
     resumed = [r["loss"] for r in _losses(p.root / "pretrain" / "killed")]
     assert resumed == pytest.approx(straight, rel=1e-5, abs=1e-6)
@@ -115,19 +130,48 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_loss_sequence(project)
     assert bad.returncode == 1 and "other settings" in bad.stderr
 
 
+def _without_dropout(bert, dst):
+    """The tiny BERT with its dropout off: dropout masks are drawn per process, so no multi-process run can
+    draw the masks one process draws for the whole batch (equal in distribution, not in value)."""
+    shutil.copytree(bert, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["hidden_dropout_prob"] > 0 and cfg["attention_probs_dropout_prob"] > 0  # what is switched off here
+    (dst / "config.json").write_text(json.dumps({**cfg, "hidden_dropout_prob": 0.0,
+                                                 "attention_probs_dropout_prob": 0.0}))
+    return dst
+
+
 @pytest.mark.slow
-def test_two_processes_with_nproc(project):
+def test_two_processes_equal_one_process_on_the_same_global_batch(project, tmp_path):
+    """--nproc 2 (real torchrun, gloo) against one process, global batch 4: every loss term of every step
+    equal to 1e-5, over 3 steps (an epoch boundary, the RSMB filling, two optimizer updates before the last
+    loss) and with --global-text statements (statements padded per rank, repeats dropped after the gather).
+    A rank that trained on the other rank's data, a BatchNorm on the local batch, a gather in another
+    order or a bank fed one rank's texts would each change the losses. What is left is summation order."""
     p, bert = project
-    _pretrain(p, bert, "--max-steps", "2", "--nproc", "2", "--run", "ddp", "--batch-size", "4")
-    cfg = json.loads((p.root / "pretrain" / "ddp" / "config.json").read_text())
-    assert cfg["world_size"] == 2 and len(_losses(p.root / "pretrain" / "ddp")) == 2
-    # --global-text statements: each rank pads its statements to a fixed count for the gather
-    _pretrain(p, bert, "--max-steps", "1", "--nproc", "2", "--run", "ddp-st", "--batch-size", "4",
-              "--global-text", "statements")
-    assert all(math.isfinite(r["global"]) for r in _losses(p.root / "pretrain" / "ddp-st"))
-    runs = sorted(p.runs_dir.glob("*-pretrain/run.json"))
-    assert json.loads(runs[-1].read_text())["status"] == "done"
+    bert = _without_dropout(bert, tmp_path / "bert-nodrop")
+    pairs = {("one", "ddp"): ["--max-steps", "3"],
+             ("one-st", "ddp-st"): ["--max-steps", "2", "--global-text", "statements"]}
+    for (single, multi), args in pairs.items():
+        _pretrain(p, bert, *args, "--run", single)
+        _pretrain(p, bert, *args, "--nproc", "2", "--run", multi)
+        a, b = _losses(p.root / "pretrain" / single), _losses(p.root / "pretrain" / multi)
+        assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, int(args[1]) + 1))
+        for ra, rb in zip(a, b):
+            for term in ("loss", "global", "local", "global_semantic", "local_semantic", "lr", "temperature"):
+                assert rb[term] == pytest.approx(ra[term], rel=1e-5, abs=1e-6), (multi, rb["step"], term)
+        assert a[-1]["global_semantic"] > 0 and a[-1]["local_semantic"] > 0  # the bank was queried
+        assert [json.loads((p.root / "pretrain" / r / "config.json").read_text())["world_size"]
+                for r in (single, multi)] == [1, 2]
     assert load_model(p.root / "pretrain" / "ddp" / "model").config["image"]["backbone"] == "vit"
+    # one run record per command, each finished cleanly (a launcher's ranks record nothing themselves)
+    records = [json.loads(f.read_text()) for f in sorted(p.runs_dir.glob("*-pretrain/run.json"))]
+    assert sorted(r["config"]["run_name"]["value"] for r in records) == sorted(sum(pairs, ()))
+    for r in records:
+        name = r["config"]["run_name"]["value"]
+        assert (r["status"], r["error"]) == ("done", None), name
+        assert r["config"]["nproc"]["value"] == (2 if name.startswith("ddp") else 1), name
+        assert r["outputs"]["pretrain.model"]["path"] == f"pretrain/{name}/model"
 
 
 def test_a_diverging_loss_stops_with_a_clear_message(project):
@@ -170,9 +214,52 @@ def test_global_texts_draw_statements_reproducibly_and_know_their_positives():
 
 
 @pytest.mark.parametrize("mode", ["mixed", "statements"])
-def test_pretrain_with_statements_as_the_global_text(project, mode):
+def test_pretrain_with_statements_as_the_global_text(project, mode, monkeypatch, mv3d_cli):
+    """What the text tower encodes for the global term (decoded from the tokens the model's forward gets):
+    ``statements``: each distinct sentence of the batch's enriched reports, once, in order; ``mixed``:
+    per volume one sentence of its enriched report or the whole of it, both seen. Never the source report."""
+    from mv3dtk.models.medvista3d import MedVista3D
+    from mv3dtk.train import loop
+
     p, bert = project
-    _pretrain(p, bert, "--max-steps", "2", "--global-text", mode, "--run", mode)
+    batches, fed = [], []
+    real_texts, real_forward = loop.global_texts, MedVista3D.forward
+
+    def spy_texts(batch, *args):
+        batches.append({"enriched": list(batch["enriched"]), "report": list(batch["report"])})
+        return real_texts(batch, *args)
+
+    def spy_forward(self, image, masks, report, *rest):
+        fed.append(self.text.tokenizer.batch_decode(report["input_ids"], skip_special_tokens=True))
+        return real_forward(self, image, masks, report, *rest)
+
+    monkeypatch.setattr(loop, "global_texts", spy_texts)
+    monkeypatch.setattr(MedVista3D, "forward", spy_forward)
+    mv3d_cli(["pretrain", *SMALL, "--text-encoder", str(bert), "--max-steps", "2", "--global-text", mode,
+              "--run", mode], project=p)
+    assert len(fed) == len(batches) == 2
+
+    def norm(text):  # the tokenizer lower-cases and splits off punctuation
+        return re.sub(r"\W+", " ", text.lower()).strip()
+
+    def sentences(text):
+        return [s.strip() for s in re.split(r"(?<=\.)\s+", text) if s.strip()]
+
+    kinds = set()
+    for batch, texts in zip(batches, fed):
+        got = [norm(t) for t in texts]
+        assert all(len(sentences(t)) > 1 for t in batch["enriched"])  # a statement is not a whole report here
+        assert not {norm(r) for r in batch["report"]} & set(got)
+        if mode == "statements":
+            want = list(dict.fromkeys(norm(s) for t in batch["enriched"] for s in sentences(t)))
+            assert got == want and len(got) > len(batch["enriched"])
+            continue
+        assert len(got) == len(batch["enriched"])
+        for text, enriched in zip(got, batch["enriched"]):
+            kind = "whole" if text == norm(enriched) else "sentence"
+            assert kind == "whole" or text in {norm(s) for s in sentences(enriched)}, (text, enriched)
+            kinds.add(kind)
+    assert kinds == (set() if mode == "statements" else {"whole", "sentence"})
     rows = _losses(p.root / "pretrain" / mode)
     assert len(rows) == 2 and all(math.isfinite(r["global"]) and r["global"] > 0 for r in rows)
     cfg = json.loads((p.root / "pretrain" / mode / "config.json").read_text())

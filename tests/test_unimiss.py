@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
+import shlex
 
 import pytest
 import torch
@@ -52,9 +54,13 @@ def test_small_shapes_at_96x320x320_on_meta():
         (1, 307201, 48), (1, 38401, 128), (1, 4801, 256), (1, 600, 512)]
 
 
-# The official encoder has cls_tokens4 (256*512+512) and a class row in pos_embed3D4 (512) that this model
-# drops (stage 4 has no class token), and no final norm (this model adds LayerNorm(512): 1,024).
-_OFFICIAL_MINUS_OURS = (256 * 512 + 512) + 512 - 1024
+def _official_minus_ours(m: UniMiSS) -> int:
+    """Parameters the official encoder has and ``m`` lacks, read off the built model: stage 4's class
+    projection Linear(C3, C4) and the class row of its position table (C4), which ``m`` drops (its stage 4
+    has no class token), less the final norm that only ``m`` has."""
+    c3, c4 = m.stages[2].pos_embed.shape[-1], m.stages[3].pos_embed.shape[-1]
+    assert m.stages[3].num_prefix == 0 and m.stages[3].cls_proj is None  # what makes them differ
+    return (c3 * c4 + c4) + c4 - _nparams(m, "norm.")
 
 
 @pytest.mark.parametrize("input_size, ours, official, official_m, pos_official, pos_m", [
@@ -62,10 +68,12 @@ _OFFICIAL_MINUS_OURS = (256 * 512 + 512) + 512 - 1024
     ((96, 320, 320), 45_391_840, 45_522_912, 45.52, 21_197_744, 21.20),
 ])
 def test_small_parameter_counts_match_reference(input_size, ours, official, official_m, pos_official, pos_m):
+    """``official``, ``official_m`` and ``pos_*`` are the reference's (unimiss-nnunet.md 1.3) figures."""
     with torch.device("meta"):
         m = build_unimiss("unimiss-small", input_size=input_size)
     assert _nparams(m) == ours
-    assert ours + _OFFICIAL_MINUS_OURS == official and round(official / 1e6, 2) == official_m
+    official_counted = _nparams(m) + _official_minus_ours(m)
+    assert official_counted == official and round(official_counted / 1e6, 2) == official_m
     pos = sum(st.pos_embed.numel() for st in m.stages) + 512  # + the official stage-4 class position
     assert pos == pos_official and round(pos / 1e6, 2) == pos_m
     # per-part split (reference 1.3): blocks 1.05/3.74/5.26/9.46 M; embeds 0.011/0.042/0.166/0.885/3.54 M
@@ -291,25 +299,25 @@ def test_official_position_tables_of_another_grid_are_resized():
     assert resize_pos_embed(table, (2, 2, 3), (2, 2, 3), num_prefix=1) is table
 
 
-_UNPICKLED: list[str] = []
+class _RunsCommand:
+    """Unpickling this runs ``touch marker`` in a shell (what a malicious checkpoint does)."""
 
+    def __init__(self, marker):
+        self.command = f"touch {shlex.quote(str(marker))}"
 
-def _side_effect() -> str:  # what a malicious pickle would run
-    _UNPICKLED.append("ran")
-    return "x"
-
-
-class _Evil:
     def __reduce__(self):
-        return (_side_effect, ())
+        return os.system, (self.command,)
 
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
-    path = tmp_path / "evil.pth"
-    torch.save({"teacher": _to_official(_tiny().state_dict()), "extra": _Evil()}, path)
-    with pytest.raises(Mv3dError, match=r"weights_only.*Unsupported global.*never unpickles code"):
+    path, marker = tmp_path / "evil.pth", tmp_path / "PWNED"
+    torch.save({"teacher": _to_official(_tiny().state_dict()), "extra": _RunsCommand(marker)}, path)
+    torch.load(path, weights_only=False)  # the control: unpickled, it runs the command
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(Mv3dError, match=r"weights_only=True \(.*GLOBAL posix\.system.*\)\. mv3d never unpickles code"):
         load_official_checkpoint(_tiny(), path)
-    assert _UNPICKLED == []
+    assert not marker.exists()  # the command never ran
     lst = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], lst)
     with pytest.raises(Mv3dError, match="not a state dict"):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -182,7 +183,11 @@ def load_weights(model: MedVista3D, path: str | Path, *, map_location: str | tor
     """Load ``path/model.safetensors`` (all but the text tower, which lives in ``path/text``) into
     ``model``; weights that do not fit the model's config are an error."""
     path = Path(path)
-    state = load_file(str(path / "model.safetensors"), device=str(map_location))
+    try:
+        state = load_file(str(path / "model.safetensors"), device=str(map_location))
+    except (SafetensorError, OSError) as e:  # e.g. a pickle in its place: safetensors never unpickles
+        raise ConfigError(f"{path / 'model.safetensors'} is not a safetensors file written by mv3d ({e}); nothing in "
+                          "it was run. Point at a model that MedVista3D.save wrote (pretrain/<run>/model/)") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("text.")]
     if missing or unexpected:

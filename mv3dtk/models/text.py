@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -259,6 +260,11 @@ class TextEncoder(nn.Module):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
             self.model, info = AutoModel.from_pretrained(str(path), output_loading_info=True, **kw)
+        except pickle.UnpicklingError as e:  # transformers reads a .bin with weights_only=True: nothing ran
+            reason = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "not tensors only")
+            raise Mv3dError(f"the weights in {path} hold pickled Python code or objects ({reason}); they were refused "
+                            "and nothing in them was run. Use a text model folder from a source you trust, "
+                            "ideally with model.safetensors weights") from None
         except (OSError, ValueError, KeyError) as e:
             raise Mv3dError(f"could not load the text model in {path}: {e}. The folder must be a complete "
                             "Hugging Face model (config.json, weights, tokenizer.json or vocab.txt + "
