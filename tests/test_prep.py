@@ -197,7 +197,6 @@ def _records(project) -> int:
         if folder.is_dir() else 0
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sigkill_mid_run_then_rerun_gives_a_complete_correct_project(tmp_path, mv3d_project):
     """Killed twice while volumes are being written (after ~1/4, then ~3/4 of them), each time with

@@ -1,16 +1,24 @@
 """Recipes stay runnable: strict bash, only mv3d calls, and every option they pass exists (options
-kept in bash arrays, `OPTS=(--a 1 --b)` then `"${OPTS[@]}"`, are expanded and checked too)."""
+kept in bash arrays, `OPTS=(--a 1 --b)` then `"${OPTS[@]}"`, are expanded and checked too); the
+quickstart itself runs end to end at a small size."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+import matplotlib.image as mpimg
+import numpy as np
 import pytest
 
 from mv3dtk.cli import cli
 from mv3dtk.registry import get_registry
+from test_summary import assert_summary_matches_runs
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*"))
 ALLOWED = {"set", "mv3d", "echo", "[", "srun"}
@@ -82,3 +90,33 @@ def test_make_demo_runs_the_quickstart_and_it_runs_every_evaluation_step():
     steps = [next(a for a in args if not a.startswith("-") and a != "$P") for args in calls]
     assert steps == ["synth", "init", "prep", "rewrite", "index-texts", "index-texts", "pretrain", "zeroshot",
                      "retrieve", "summary"]
+
+
+QUICK = {"MV3D_DEMO_N_TRAIN": "6", "MV3D_DEMO_N_VALID": "6", "MV3D_DEMO_EPOCHS": "1", "MV3D_DEMO_BATCH_SIZE": "4",
+         "MV3D_DEMO_WARMUP_STEPS": "1"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)  # 67 s of CPU (<= ~70 s on 2 idle cores); 70-115 s on a box shared at load 4-6
+def test_the_quickstart_runs_end_to_end_at_a_small_size_and_its_summary_reads_the_real_runs(tmp_path):
+    """`make demo`'s script itself, with the sizes of its header turned down: every step runs, the
+    model it pretrains is evaluated, and the closing `mv3d summary` shows what those runs wrote."""
+    root = RECIPES[0].parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MV3D_")}
+    env.update(QUICK, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    cwd = tmp_path / "cwd"  # elsewhere, so that summary prints absolute paths
+    cwd.mkdir()
+    proc = subprocess.run(["bash", str(root / "recipes/quickstart.sh"), str(tmp_path / "demo")], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=450)
+    assert proc.returncode == 0, f"quickstart exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert re.search(r"quickstart finished in \d+s", proc.stdout)
+    p = tmp_path / "demo/project"
+    steps = [json.loads(line)["step"] for line in (p / "pretrain/quickstart/metrics.jsonl").read_text().splitlines()]
+    assert steps and steps == list(range(1, len(steps) + 1))
+    model = json.loads((p / "zeroshot/quickstart/metrics.json").read_text())["model"]
+    assert model == str(p / "pretrain/quickstart/model")  # the model this run pretrained
+    assert_summary_matches_runs(p, proc.stdout, "quickstart", "quickstart")
+    assert f"pretraining loss   {p / 'pretrain/quickstart/loss.png'}" in proc.stdout
+    for png in (p / "zeroshot/quickstart/roc.png", p / "pretrain/quickstart/loss.png"):
+        img = mpimg.imread(png)[..., :3]
+        assert min(img.shape[:2]) > 200 and img.std() > 0.05 and len(np.unique(img.reshape(-1, 3), axis=0)) > 20

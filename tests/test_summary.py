@@ -1,15 +1,84 @@
 """`mv3d summary`: the headline numbers of the latest zeroshot and retrieve runs, read from
-metrics.json files shaped exactly as `mv3d zeroshot` / `mv3d retrieve` write them."""
+metrics.json files shaped exactly as `mv3d zeroshot` / `mv3d retrieve` write them.
+
+Real runs are read back too, with :func:`assert_summary_matches_runs`: after the real `zeroshot`
+and `retrieve` CLI runs of test_zeroshot_retrieve.py, and after the scaled-down quickstart recipe
+(test_recipes.py), which pretrains the model it evaluates."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
 
 from mv3dtk.project import fingerprint
 from mv3dtk.summary import format_summary, summarize
+
+ROW = re.compile(r"^(zero-shot \S+|report->volume|volume->volume|region grounding)?\s+"  # task, or "" below it
+                 r"(AUC|F1 \(weighted\)|accuracy|R@\d+|MAP@\d+|top-\d+)\s+"  # metric
+                 r"(-|\d\.\d{3})(?:\s+(\d\.\d{3}))?(?:\s+(.*))?$")  # model, random, note
+
+
+def table_rows(text: str) -> dict[tuple[str, str], tuple[str, str | None, str | None]]:
+    """The summary table as {(task, metric): (model, random, note)}, a row without a task name
+    belonging to the task above it."""
+    rows, task = {}, None
+    for line in text.splitlines():
+        m = ROW.match(line)
+        if m:
+            task = m.group(1) or task
+            rows[(task, m.group(2))] = (m.group(3), m.group(4), m.group(5))
+    return rows
+
+
+def assert_summary_matches_runs(root: Path, text: str, zeroshot: str, retrieve: str) -> None:
+    """``text`` (what `mv3d summary` printed) shows the numbers that the files of the real run
+    folders ``zeroshot/<zeroshot>`` and ``retrieve/<retrieve>`` hold, recomputed from the
+    per-label table and the rankings (not only copied from metrics.json)."""
+    text = text[text.index("mv3d summary of"):]  # a recipe's output: only what summary printed
+    rows = table_rows(text)
+
+    def row(task: str, metric: str) -> tuple[str, str | None, str | None]:
+        assert (task, metric) in rows, f"the summary has no row {metric!r} under {task!r}:\n{text}"
+        return rows[(task, metric)]
+
+    for task, run in (("zeroshot", zeroshot), ("retrieve", retrieve)):
+        assert f"{task:<9} run {run}: valid, " in text, f"the summary shows no {task} run {run}:\n{text}"
+    zdir, rdir = root / "zeroshot" / zeroshot, root / "retrieve" / retrieve
+    zm, rm = (json.loads((d / "metrics.json").read_text()) for d in (zdir, rdir))
+    assert f"zeroshot  run {zeroshot}: valid, {zm['n_volumes']} volumes" in text
+    assert f"retrieve  run {retrieve}: valid, {rm['n_volumes']} volumes" in text
+    per_class = pl.read_csv(zdir / "per_class.csv", infer_schema_length=0)  # strings, "" = undefined
+    assert zm["modes"]
+    for mode in zm["modes"]:  # macro = the mean over the labels where the metric is defined
+        mine = per_class.filter(pl.col("mode") == mode)
+
+        def mean(column: str) -> float:
+            vals = np.array([float(v) for v in mine[column].to_list() if v not in (None, "", "nan")])
+            assert vals.size, f"no label of mode {mode} has a {column}: the run is too small to check"
+            return float(vals.mean())
+
+        n = sum(v not in (None, "") for v in mine["auroc"].to_list())
+        assert row(f"zero-shot {mode}", "AUC") == (f"{mean('auroc'):.3f}", "0.500", f"{n} labels")
+        assert row(f"zero-shot {mode}", "F1 (weighted)")[0] == f"{mean('f1_weighted'):.3f}"
+        assert row(f"zero-shot {mode}", "accuracy")[0] == f"{mean('accuracy'):.3f}"
+    rk = pl.read_parquet(rdir / "rankings.parquet")
+    report, region = rk.filter(pl.col("task") == "report"), rk.filter(pl.col("task") == "region")
+    for k in ("5", "10"):  # recall@k: the share of reports whose volume ranks in the top k
+        hit = (report["rank"] <= int(k)).mean()
+        assert row("report->volume", f"R@{k}")[:2] == (f"{hit:.3f}", f"{rm['tasks']['report']['random'][k]:.3f}")
+    assert row("report->volume", "R@5")[2].startswith(f"{report.height} queries / {rm['n_volumes']} volumes")
+    vol = rm["tasks"]["volume"]
+    assert row("volume->volume", "MAP@5")[:2] == (f"{vol['map']['5']:.3f}", f"{vol['random']['5']:.3f}")
+    assert region.height > 0 and row("region grounding", "top-10")[0] == f"{(region['rank'] <= 10).mean():.3f}"
+    assert len(rows) == 3 * len(zm["modes"]) + 4, text  # and no other row
+    assert str(zdir / "metrics.json") in text and str(zdir / "roc.png") in text and str(rdir / "metrics.json") in text
+
 
 MODEL = "pretrain/quickstart/model"
 

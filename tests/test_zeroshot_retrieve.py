@@ -16,6 +16,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from helpers import run_mv3d
+from test_summary import assert_summary_matches_runs
 from mv3dtk import Project
 from mv3dtk.data.ctrate import ABNORMALITIES, read_csv_rows, reports_csv
 from mv3dtk.data.datasets import PretrainDataset
@@ -53,10 +54,20 @@ def _valid_ids(root) -> list[str]:
     return sorted(v.filter((pl.col("split") == "valid") & (pl.col("status") == "ok"))["volume_id"].to_list())
 
 
-def test_zeroshot_cli_writes_consistent_outputs(project):
-    root = project.root
-    proc = run_mv3d("-P", str(root), "zeroshot", "--model", MODEL, "--mode", "global,local,global-crop",
+@pytest.fixture(scope="module")
+def zeroshot_z1(project):
+    return run_mv3d("-P", str(project.root), "zeroshot", "--model", MODEL, "--mode", "global,local,global-crop",
                     "--bootstrap", "5", "--run", "z1", "--json")
+
+
+@pytest.fixture(scope="module")
+def retrieve_r1(project):
+    return run_mv3d("-P", str(project.root), "retrieve", "--model", MODEL, "--run", "r1", "--json", "-k", "1,5,10")
+
+
+def test_zeroshot_cli_writes_consistent_outputs(project, zeroshot_z1):
+    root = project.root
+    proc = zeroshot_z1
     out = json.loads(proc.stdout)  # stdout holds the JSON only
     assert "macro" in proc.stderr and "AUROC" in proc.stderr  # the table went to stderr
     run = root / "zeroshot" / "z1"
@@ -93,14 +104,33 @@ def test_zeroshot_cli_writes_consistent_outputs(project):
             assert float(row["auroc"]) == pytest.approx(roc_auc_score(y, p), abs=1e-6)
         else:
             assert row["auroc"] == ""
-    assert (run / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    _assert_roc_plot(run / "roc.png", n_panels=18, n_modes=3)
     assert project.manifest()["artifacts"]["zeroshot.run"]["path"] == "zeroshot/z1"
     assert os.readlink(root / "zeroshot" / "latest") == "z1"
 
 
-def test_retrieve_cli_writes_metrics_and_rankings(project):
+def _assert_roc_plot(path, *, n_panels: int, n_modes: int) -> None:
+    """roc.png decodes to the grid's size (6 panels a row, 2.6 in each at 110 dpi) and shows a
+    curve of each mode in its own colour (matplotlib's C0, C1, ...) on a white figure."""
+    import matplotlib.image as mpimg
+    from matplotlib.colors import to_rgb
+
+    img = mpimg.imread(path)[..., :3]  # (H, W, 3) floats in [0, 1]
+    cols = min(6, n_panels)
+    assert img.shape == (round(2.6 * 110 * -(-n_panels // cols)), round(2.6 * 110 * cols), 3)
+    assert (img == 1).all(-1).mean() > 0.5 and img.std() > 0.1  # a white page, not a blank one
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # text, axes, antialiased curves
+    ink = (1 - img).reshape(-1, 3)  # how far each pixel is from white
+    for i in range(n_modes):  # an antialiased line pixel is its colour blended with white: ink = a * (1 - C)
+        d = 1 - np.array(to_rgb(f"C{i}"))
+        a = ink @ d / (d @ d)
+        line = (a > 0.5) & (np.abs(ink - a[:, None] * d).max(-1) < 0.04)
+        assert line.sum() > 300, f"{path}: no curve drawn in colour C{i} ({line.sum()} pixels)"
+
+
+def test_retrieve_cli_writes_metrics_and_rankings(project, retrieve_r1):
     root = project.root
-    proc = run_mv3d("-P", str(root), "retrieve", "--model", MODEL, "--run", "r1", "--json", "-k", "1,5,10")
+    proc = retrieve_r1
     out = json.loads(proc.stdout)
     assert "random" in proc.stderr and "report->volume" in proc.stderr
     ids = _valid_ids(root)
@@ -119,6 +149,23 @@ def test_retrieve_cli_writes_metrics_and_rankings(project):
     assert rk.filter(pl.col("task") == "region").height == tasks["region"]["n_queries"] > 0
     assert rk.filter(pl.col("task") == "volume").height == tasks["volume"]["n_queries"]
     assert project.manifest()["artifacts"]["retrieve.run"]["path"] == "retrieve/r1"
+
+
+def test_summary_reads_the_real_runs_back(project, zeroshot_z1, retrieve_r1):
+    """`mv3d summary` after the real runs above: its table and --json hold what their files hold."""
+    root = project.root
+    assert_summary_matches_runs(root, run_mv3d("-P", str(root), "summary").stdout, "z1", "r1")
+    data = json.loads(run_mv3d("-P", str(root), "summary", "--json").stdout)
+    z, r = json.loads(zeroshot_z1.stdout), json.loads(retrieve_r1.stdout)
+    for mode, m in z["modes"].items():
+        assert data["zeroshot"]["modes"][mode] == {k: m["macro"][k] for k in ("auroc", "f1_weighted", "accuracy",
+                                                                              "n_classes")}
+    assert data["retrieve"]["report"]["recall"] == {k: r["tasks"]["report"]["recall"][k] for k in ("5", "10")}
+    assert data["retrieve"]["volume"]["map"] == {"5": r["tasks"]["volume"]["map"]["5"]}
+    assert data["retrieve"]["region"]["top_k"] == {"10": r["tasks"]["region"]["top_k"]["10"]}
+    assert data["zeroshot"]["roc"] == str(root / "zeroshot/z1/roc.png")
+    assert data["status"] == {"zeroshot": "done", "retrieve": "done"}
+    assert data["loss_plots"] == {str(root / MODEL): None}  # a model saved without pretraining has no loss plot
 
 
 def test_user_errors_exit_1_with_the_fix(project, mv3d_cli):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 # The 18 CT-RATE abnormality columns, in the order of the labels CSV (CT-CLIP relies on this order).
 ABNORMALITIES: tuple[str, ...] = (
@@ -150,20 +151,88 @@ def find_split_folder(root: str | Path, split: str) -> Path | None:
     return None
 
 
-def needs_rescale(stored, hu_source: str = "auto") -> bool:
-    """Whether the metadata CSV's RescaleSlope/RescaleIntercept must be applied to ``stored``.
+RAW_TISSUE = (824.0, 1224.0)  # fat .. soft tissue (HU -200 .. 200) as a raw volume stores them (HU + 1024)
 
-    ``raw`` (CT-RATE v1) always, ``fixed`` (v2, ``*_fixed``: already HU) never. ``auto`` looks at
-    the data: a HU volume has air, so its 1st percentile is far below -500; raw stored values are
-    non-negative. Applying the CSV values to a v2 volume is the double rescale of CT-CLIP#50.
+
+class HuGuess(NamedTuple):
+    """What the voxels say about their units: ``raw`` (HU + 1024, the CSV rescale is needed) or HU,
+    whether the evidence is ``sure``, and ``why`` in words (for the per-volume warning)."""
+
+    raw: bool
+    sure: bool
+    why: str
+
+
+def guess_hu(stored) -> HuGuess:
+    """Raw-stored (HU + 1024) or HU? Decided from the voxels alone.
+
+    A constant fill at the bottom of the range (padding outside the field of view: 0, -1024 or
+    -2000 in raw units; -1024, -3024 in HU) says nothing about the units and is set aside first.
+    Then a raw volume has no negative value (its air is about +24), while an HU volume has air
+    (-1000) or fat (-100): a 1st percentile below -50 means HU. Without either (a tight crop of
+    soft tissue), a raw volume still holds its soft tissue at 824..1224 (HU -200..200); if a tenth of
+    the voxels lie there it is raw, else HU, and that last call is not sure.
     """
     import numpy as np  # here, not at the top: the labeler imports this module and stays numpy-free
 
+    stored = np.asarray(stored)
+    step = max(1, round((stored.size / 200_000) ** (1 / stored.ndim)))
+    sample = stored[(slice(None, None, step),) * stored.ndim].ravel()  # strided view, small copy
+    lo = sample.min()
+    body = sample[sample != lo]
+    pad = 1.0 - body.size / sample.size
+    if body.size == 0:
+        body = sample
+    pad_note = f"; a fill of {lo:g} in {pad:.0%} of the voxels set aside" if pad >= 0.01 else ""
+    p1 = float(np.percentile(body, 1))
+    if p1 < -50.0:
+        return HuGuess(False, True, f"1st percentile {p1:.0f}: air or fat in HU{pad_note}")
+    tissue = float(np.mean((body >= RAW_TISSUE[0]) & (body <= RAW_TISSUE[1])))
+    if tissue >= 0.1:
+        return HuGuess(True, True, f"nothing below -50 and {tissue:.0%} of the voxels at raw soft-tissue values "
+                                   f"824..1224{pad_note}")
+    return HuGuess(False, False, f"neither air nor fat, 1st percentile {p1:.0f}, and only {tissue:.0%} of the "
+                                 f"voxels at raw soft-tissue values 824..1224{pad_note}")
+
+
+def needs_rescale(stored, hu_source: str = "auto") -> bool:
+    """Whether the metadata CSV's RescaleSlope/RescaleIntercept must be applied to ``stored``.
+
+    ``raw`` (CT-RATE v1) always, ``fixed`` (v2, ``*_fixed``: already HU) never, ``auto`` as
+    :func:`guess_hu` reads the voxels. Applying the CSV values to a v2 volume is the double rescale
+    of CT-CLIP#50.
+    """
     if hu_source not in ("auto", "raw", "fixed"):
         raise ValueError(f"hu_source must be auto, raw or fixed, not {hu_source!r}")
     if hu_source != "auto":
         return hu_source == "raw"
-    stored = np.asarray(stored)
-    step = max(1, round((stored.size / 200_000) ** (1 / stored.ndim)))
-    sample = stored[(slice(None, None, step),) * stored.ndim]  # strided view, no full copy
-    return float(np.percentile(sample, 1)) > -500.0
+    return guess_hu(stored).raw
+
+
+def hu_warnings(path, stored, rescale: tuple[float, float] | None, hu_source: str, known_hu: bool = False,
+                header_scaling: tuple[float | None, float | None] = (None, None)) -> list[str]:
+    """What one volume's HU decision leaves in doubt, as warning lines for ``prep/volumes.parquet``:
+    a ``rescale`` (slope, intercept) applied to voxels that look like HU already, or on top of the
+    NIfTI header's own ``header_scaling`` (the double rescale of CT-CLIP#50); HU kept for voxels
+    that look raw (``--hu-source fixed``, or a folder ``known_hu``: ``*_fixed``, RadGenome); an
+    ``auto`` call made on weak evidence. ``stored``: the voxels as read (header scaling applied)."""
+    guess = guess_hu(stored)
+    how = f"--hu-source {hu_source}" + (" (a *_fixed or RadGenome folder: known HU)" if known_hu else "")
+    out = []
+    if rescale is not None and not guess.raw:
+        out.append(f"{path}: {how} applied the rescale (slope {rescale[0]:g}, intercept {rescale[1]:g}) to voxels "
+                   f"that look like HU already ({guess.why}): a double rescale (CT-CLIP#50) if they are; check the "
+                   "volume and use --hu-source auto or fixed")
+    if rescale is None and guess.raw:  # --hu-source fixed, or auto on a folder known to hold HU
+        out.append(f"{path}: {how} kept the voxels as HU, but they look raw (HU + 1024: {guess.why}); if they are, "
+                   "use --hu-source raw")
+    slope, inter = (1.0 if header_scaling[0] is None else header_scaling[0],
+                    0.0 if header_scaling[1] is None else header_scaling[1])
+    if rescale is not None and (slope, inter) != (1.0, 0.0):
+        out.append(f"{path}: the NIfTI header's scaling (scl_slope {slope:g}, scl_inter {inter:g}) was applied, and "
+                   f"the rescale (slope {rescale[0]:g}, intercept {rescale[1]:g}) on top of it: a double rescale "
+                   "(CT-CLIP#50) if the header already gave HU; use --hu-source fixed for such files")
+    if hu_source == "auto" and not known_hu and not guess.sure:
+        out.append(f"{path}: HU taken as stored from weak evidence ({guess.why}); if the volume stores HU + 1024, "
+                   "use --hu-source raw")
+    return out

@@ -140,11 +140,13 @@ def _process(sv: SourceVolume, prep_dir: Path, opts: PrepOptions) -> dict[str, A
     oriented = orient(voxel_data(img, sv.image_path), img.affine)  # (D, H, W) view
     spacing = sv.spacing or oriented.spacing
     rescale = _decide_rescale(sv, oriented.array, opts.hu_source)
+    warnings = ctrate.hu_warnings(sv.image_path, oriented.array, rescale, opts.hu_source, sv.hu_hint == "fixed",
+                                  (getattr(img.dataobj, "slope", None), getattr(img.dataobj, "inter", None)))
     vol = preprocess_image(oriented, spacing=spacing, target_spacing=opts.spacing, target_size=opts.size,
                            hu_window=opts.hu, rescale=rescale, grid=opts.grid)  # (D, H, W) float16
     store = VolumeStore(prep_dir.parent)
     out = {"image_path": store.relpath(store.volume_path(sv.volume_id)), "mask_path": None,
-           "hu_rescaled": rescale is not None,
+           "hu_rescaled": rescale is not None, "warnings": warnings,
            "source_spacing": [float(s) for s in spacing], "source_shape": [int(n) for n in oriented.array.shape],
            "source_axcodes": "".join(oriented.source_axcodes)}
     masks = _mask_bits(sv, img, oriented, spacing, opts) if sv.masks else None
@@ -250,6 +252,8 @@ def run_prep(source: str | Path, project_root: Path, *, layout: str = "auto", sp
         records[rec["volume_id"]] = rec
         if rec["status"] != "ok":
             log.warning("failed: %s", rec["error"])
+        for w in rec.get("warnings", ()):
+            log.warning("%s", w)
     summary = PrepSummary(total=len(mine), processed=len(todo), skipped=len(mine) - len(todo),
                           failed=[(v, r["error"]) for v, r in records.items() if r["status"] != "ok"],
                           shard=f"{shard[0]}/{shard[1]}" if shard else None)
@@ -264,6 +268,7 @@ def run_prep(source: str | Path, project_root: Path, *, layout: str = "auto", sp
 def _row(sv: SourceVolume, rec: dict) -> dict[str, Any]:
     report = " ".join(t for t in (sv.findings, sv.impressions) if t) or None
     warnings = list(sv.warnings) + ([] if sv.findings else [f"{sv.volume_id}: the findings section is empty"])
+    warnings += (rec.get("warnings") or []) if rec["status"] == "ok" else []
     return {
         "volume_id": sv.volume_id, "split": sv.split, "patient_id": sv.patient_id, "scan_id": sv.scan_id,
         "image_path": rec.get("image_path") if rec["status"] == "ok" and not sv.error else None,
