@@ -111,3 +111,35 @@ def make_pretrain_project(root: Path):
     run_mv3d("-P", str(project.root), "prep", str(data), "--size", "32", "64", "64", "--spacing", "3", "0.75", "0.75")
     run_mv3d("-P", str(project.root), "rewrite")
     return project, bert
+
+
+# The small pretraining setting the pretrain, kill and checkpoint tests share.
+SMALL_PRETRAIN = ["--backbone", "vit", "--model-config", "vit-tiny", "--batch-size", "4", "--workers", "0",
+                  "--lr", "1e-3", "--warmup-steps", "2", "--rsmb-size", "64"]
+
+
+def pretrain(project, bert, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``mv3d pretrain`` in the small setting with the tiny BERT of :func:`make_pretrain_project`."""
+    return run_mv3d("-P", str(project.root), "pretrain", *SMALL_PRETRAIN, "--text-encoder", str(bert), *args,
+                    check=check, timeout=600)
+
+
+def copy_project(project, dst: Path):
+    """A private copy of a module-scoped template project, for a test that changes it."""
+    import shutil
+
+    from mv3dtk import Project
+
+    shutil.copytree(project.root, dst)
+    return Project(dst)
+
+
+def make_prepped_project(root: Path, *, n_train: int, n_valid: int, seed: int):
+    """A tiny synthetic dataset (16 x 32 x 32 scans) prepped into ``root/template``."""
+    from mv3dtk import Project
+    from mv3dtk.data.synth import make_synthetic_dataset
+
+    data = make_synthetic_dataset(root / "data", n_train=n_train, n_valid=n_valid, shape=(16, 32, 32), seed=seed).root
+    project = Project.init(root / "template")
+    run_mv3d("-P", str(project.root), "prep", str(data), "--spacing", "3", "1.5", "1.5", "--size", "16", "16", "16")
+    return project

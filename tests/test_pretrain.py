@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_pretrain_project, run_mv3d
+from helpers import SMALL_PRETRAIN, copy_project, make_pretrain_project, pretrain, run_mv3d
 from mv3dtk import Project, load_model
 
-SMALL = ["--backbone", "vit", "--model-config", "vit-tiny", "--batch-size", "4", "--workers", "0", "--lr", "1e-3",
-         "--warmup-steps", "2", "--rsmb-size", "64"]
+SMALL = SMALL_PRETRAIN
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +28,10 @@ def template(tmp_path_factory):
 
 @pytest.fixture
 def project(template, tmp_path):
-    shutil.copytree(template[0].root, tmp_path / "p")
-    return Project(tmp_path / "p"), template[1]
+    return copy_project(template[0], tmp_path / "p"), template[1]
 
 
-def _pretrain(project, bert, *args, check=True):
-    return run_mv3d("-P", str(project.root), "pretrain", *SMALL, "--text-encoder", str(bert), *args, check=check,
-                    timeout=600)
+_pretrain = pretrain
 
 
 def _losses(run_dir):

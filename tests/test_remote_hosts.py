@@ -11,15 +11,12 @@ remote name in its Host header, through the real ollama and openai clients.
 from __future__ import annotations
 
 import os
-import shutil
 from urllib.parse import urlparse
 
 import polars as pl
 import pytest
 
-from helpers import run_mv3d
-from mv3dtk import Project
-from mv3dtk.data.synth import make_synthetic_dataset
+from helpers import copy_project, make_prepped_project, run_mv3d
 from mv3dtk.testing.fake_llm import FakeLLM, Redirect
 from mv3dtk.text.backends import OllamaBackend, OpenAIBackend, is_loopback, normalize_url
 
@@ -111,17 +108,12 @@ def test_a_loopback_client_uses_no_proxy_and_follows_no_redirect(monkeypatch):
 
 @pytest.fixture(scope="module")
 def prepped(tmp_path_factory):
-    root = tmp_path_factory.mktemp("remote")
-    data = make_synthetic_dataset(root / "data", n_train=2, n_valid=1, shape=(16, 32, 32), seed=5).root
-    project = Project.init(root / "template")
-    run_mv3d("-P", str(project.root), "prep", str(data), "--spacing", "3", "1.5", "1.5", "--size", "16", "16", "16")
-    return project
+    return make_prepped_project(tmp_path_factory.mktemp("remote"), n_train=2, n_valid=1, seed=5)
 
 
 @pytest.fixture
 def project(prepped, tmp_path):
-    shutil.copytree(prepped.root, tmp_path / "p")
-    return Project(tmp_path / "p")
+    return copy_project(prepped, tmp_path / "p")
 
 
 @pytest.fixture

@@ -16,9 +16,8 @@ import duckdb
 import polars as pl
 import pytest
 
-from helpers import run_mv3d
+from helpers import copy_project, make_prepped_project, run_mv3d
 from mv3dtk import Project
-from mv3dtk.data.synth import make_synthetic_dataset
 from mv3dtk.testing.fake_llm import Delay, Garbage, Reply, Status
 from mv3dtk.text.labeler import label_text, rules_rewrite
 from mv3dtk.text.prompts import FEW_SHOT, SYSTEM_PROMPT
@@ -26,17 +25,12 @@ from mv3dtk.text.prompts import FEW_SHOT, SYSTEM_PROMPT
 
 @pytest.fixture(scope="module")
 def prepped(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rw")
-    data = make_synthetic_dataset(root / "data", n_train=5, n_valid=2, shape=(16, 32, 32), seed=3).root
-    project = Project.init(root / "template")
-    run_mv3d("-P", str(project.root), "prep", str(data), "--spacing", "3", "1.5", "1.5", "--size", "16", "16", "16")
-    return project
+    return make_prepped_project(tmp_path_factory.mktemp("rw"), n_train=5, n_valid=2, seed=3)
 
 
 @pytest.fixture
 def project(prepped, tmp_path):
-    shutil.copytree(prepped.root, tmp_path / "p")
-    return Project(tmp_path / "p")
+    return copy_project(prepped, tmp_path / "p")
 
 
 def _rewrite(project, *args, check=True, env=None):
