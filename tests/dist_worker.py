@@ -130,7 +130,7 @@ def batchnorm_step(x: torch.Tensor, w: torch.Tensor, distributed: bool) -> dict[
     """Two training steps of a BatchNorm3d on x (this rank's part), the loss a weighted sum of the gathered
     outputs, then one eval forward. Distributed: converted as the pretraining loop converts a CPU model
     (``global_batchnorm``) and DDP-wrapped."""
-    from mv3dtk.train.loop import GlobalBatchNorm, global_batchnorm
+    from mv3dtk.train.gather import GlobalBatchNorm, global_batchnorm
 
     torch.manual_seed(3)
     res = {}

@@ -9,6 +9,9 @@ single-process parameter gradients (tested in ``tests/test_dist.py``). Integer/b
 bank updates go through :func:`gather_nograd`. Every helper is the identity when no process group
 exists (rank and process-group helpers: :mod:`mv3dtk.dist`).
 
+:class:`GlobalBatchNorm` gives a BatchNorm the global batch's statistics on the CPU (gloo), where
+``torch.nn.SyncBatchNorm`` does not run.
+
 Equal per-rank batch sizes are required (use ``drop_last=True`` in the DataLoader / sampler):
 the gathers check this with an all-gather of the shapes and raise :class:`UnequalBatchError`
 on every rank otherwise (no hang).
@@ -25,7 +28,8 @@ from torch import Tensor
 from ..dist import is_distributed
 from ..errors import Mv3dError
 
-__all__ = ["UnequalBatchError", "AllGatherGrad", "gather_with_grad", "gather_nograd", "gather_batch", "all_reduce_mean"]
+__all__ = ["UnequalBatchError", "AllGatherGrad", "gather_with_grad", "gather_nograd", "gather_batch", "all_reduce_mean",
+           "GlobalBatchNorm", "global_batchnorm"]
 
 _MAX_DIMS = 8
 
@@ -122,3 +126,53 @@ def all_reduce_mean(t: Tensor) -> Tensor:
         dist.all_reduce(r, op=dist.ReduceOp.SUM)
         r /= dist.get_world_size()
     return r
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm whose training statistics span the global batch of a multi-process run: what
+    ``torch.nn.SyncBatchNorm`` does on GPUs, for the CPU (gloo), which it does not support. Per-rank
+    sums are all-gathered with gradients (:class:`AllGatherGrad`), so the forward and, after DDP's mean,
+    the parameter gradients are the single process's on the concatenated batch. Same parameters,
+    buffers and state-dict keys as the BatchNorm it replaces."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of at least 2 dims (N, C, ...), got {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not is_distributed():
+            return super().forward(x)
+        C, dims = x.shape[1], [0, *range(2, x.dim())]
+        shape = (1, C) + (1,) * (x.dim() - 2)
+        n = x.numel() // C * dist.get_world_size()  # values per channel in the global batch (equal per-rank batches)
+        xf = x.float()
+        mean = AllGatherGrad.apply(xf.sum(dims)[None]).sum(0) / n  # (C,)
+        centred = xf - mean.view(shape)
+        var = AllGatherGrad.apply(centred.square().sum(dims)[None]).sum(0) / n  # (C,) biased, as BatchNorm
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - f).add_(mean, alpha=f)
+                self.running_var.mul_(1 - f).add_(var * n / max(n - 1, 1), alpha=f)  # unbiased, as BatchNorm
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm below ``module`` by a :class:`GlobalBatchNorm` holding the same parameters
+    and buffers (the optimizer's parameters stay valid); returns ``module``."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            if child.affine:
+                bn.weight, bn.bias = child.weight, child.bias
+            if child.track_running_stats:
+                bn.running_mean, bn.running_var = child.running_mean, child.running_var
+                bn.num_batches_tracked = child.num_batches_tracked
+            setattr(module, name, bn.train(child.training))
+        else:
+            global_batchnorm(child)
+    return module

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from ..data.datasets import PretrainDataset, batches_per_epoch, make_loader
-from ..dist import DistInfo, get_world_size, is_distributed
+from ..dist import DistInfo
 from ..errors import Mv3dError
 from ..fs import atomic_write_text
 from ..index import index_path, load_matrix
 from ..models.medvista3d import MedVista3D, load_weights
 from ..tracking import Tracker
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .gather import AllGatherGrad, gather_batch, gather_nograd
+from .gather import gather_batch, gather_nograd, global_batchnorm
 from .losses import MedVista3DLoss
 from .options import GLOBAL_TEXTS, LOSS_TERMS
 from .plots import plot_metrics
@@ -345,56 +345,6 @@ class Trainer:
     def _checkpoint(self) -> None:
         save_checkpoint(self.run_dir, model=self.model, optimizer=self.opt, scheduler=self.sched, bank=self.bank,
                         step=self.step, epoch=self.epoch, batch=self.batch, config=self.cfg.resume_key())
-
-
-class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
-    """A BatchNorm whose training statistics span the global batch of a multi-process run: what
-    ``torch.nn.SyncBatchNorm`` does on GPUs, for the CPU (gloo), which it does not support. Per-rank
-    sums are all-gathered with gradients (:class:`AllGatherGrad`), so the forward and, after DDP's mean,
-    the parameter gradients are the single process's on the concatenated batch. Same parameters,
-    buffers and state-dict keys as the BatchNorm it replaces."""
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected an input of at least 2 dims (N, C, ...), got {x.dim()}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not is_distributed():
-            return super().forward(x)
-        C, dims = x.shape[1], [0, *range(2, x.dim())]
-        shape = (1, C) + (1,) * (x.dim() - 2)
-        n = x.numel() // C * get_world_size()  # values per channel in the global batch (equal per-rank batches)
-        xf = x.float()
-        mean = AllGatherGrad.apply(xf.sum(dims)[None]).sum(0) / n  # (C,)
-        centred = xf - mean.view(shape)
-        var = AllGatherGrad.apply(centred.square().sum(dims)[None]).sum(0) / n  # (C,) biased, as BatchNorm
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.mul_(1 - f).add_(mean, alpha=f)
-                self.running_var.mul_(1 - f).add_(var * n / max(n - 1, 1), alpha=f)  # unbiased, as BatchNorm
-        y = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
-
-
-def global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every BatchNorm below ``module`` by a :class:`GlobalBatchNorm` holding the same parameters
-    and buffers (the optimizer's parameters stay valid); returns ``module``."""
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
-            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            if child.affine:
-                bn.weight, bn.bias = child.weight, child.bias
-            if child.track_running_stats:
-                bn.running_mean, bn.running_var = child.running_mean, child.running_var
-                bn.num_batches_tracked = child.num_batches_tracked
-            setattr(module, name, bn.train(child.training))
-        else:
-            global_batchnorm(child)
-    return module
 
 
 class Throughput:
