@@ -181,7 +181,7 @@ def prepare_ctclip(root: Path):
 def prepare_mv3d(root: Path):
     from dataclasses import replace
 
-    from mv3dtk.data import ingest
+    from mv3dtk.data import ctrate, ingest
     from mv3dtk.data.preprocess import orient, preprocess_image, read_nifti, voxel_data
     from mv3dtk.data.sources import read_source
 
@@ -199,7 +199,7 @@ def prepare_mv3d(root: Path):
         oriented = orient(voxel_data(img, sv.image_path), img.affine)
         laps("voxel_data+orient")
         spacing = sv.spacing or oriented.spacing
-        rescale = ingest._decide_rescale(sv, oriented.array, opts.hu_source)
+        rescale = ingest._decide_rescale(sv, ctrate.guess_hu(oriented.array), opts.hu_source)
         laps("decide_rescale")
         vol = preprocess_image(oriented, spacing=spacing, target_spacing=opts.spacing, target_size=opts.size,
                                hu_window=opts.hu, rescale=rescale)

@@ -209,14 +209,14 @@ def needs_rescale(stored, hu_source: str = "auto") -> bool:
     return guess_hu(stored).raw
 
 
-def hu_warnings(path, stored, rescale: tuple[float, float] | None, hu_source: str, known_hu: bool = False,
+def hu_warnings(path, guess: HuGuess, rescale: tuple[float, float] | None, hu_source: str, known_hu: bool = False,
                 header_scaling: tuple[float | None, float | None] = (None, None)) -> list[str]:
     """What one volume's HU decision leaves in doubt, as warning lines for ``prep/volumes.parquet``:
     a ``rescale`` (slope, intercept) applied to voxels that look like HU already, or on top of the
     NIfTI header's own ``header_scaling`` (the double rescale of CT-CLIP#50); HU kept for voxels
     that look raw (``--hu-source fixed``, or a folder ``known_hu``: ``*_fixed``, RadGenome); an
-    ``auto`` call made on weak evidence. ``stored``: the voxels as read (header scaling applied)."""
-    guess = guess_hu(stored)
+    ``auto`` call made on weak evidence. ``guess``: :func:`guess_hu` of the voxels as read (header scaling
+    applied), computed once per volume by the caller."""
     how = f"--hu-source {hu_source}" + (" (a *_fixed or RadGenome folder: known HU)" if known_hu else "")
     out = []
     if rescale is not None and not guess.raw:

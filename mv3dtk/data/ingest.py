@@ -84,7 +84,7 @@ def source_fingerprint(sv: SourceVolume) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def _decide_rescale(sv: SourceVolume, stored: np.ndarray, hu_source: str) -> tuple[float, float] | None:
+def _decide_rescale(sv: SourceVolume, guess: ctrate.HuGuess, hu_source: str) -> tuple[float, float] | None:
     if hu_source == "fixed" or (hu_source == "auto" and sv.hu_hint == "fixed"):
         return None
     if hu_source == "raw":
@@ -92,7 +92,7 @@ def _decide_rescale(sv: SourceVolume, stored: np.ndarray, hu_source: str) -> tup
             raise DataError(f"{sv.image_path}: --hu-source raw needs RescaleSlope/RescaleIntercept in the metadata CSV, "
                             f"and {sv.volume_id} has none; use --hu-source auto or fixed")
         return sv.rescale
-    return (sv.rescale or (1.0, -1024.0)) if ctrate.needs_rescale(stored, "auto") else None
+    return (sv.rescale or (1.0, -1024.0)) if guess.raw else None
 
 
 def _mask_bits(sv: SourceVolume, img, oriented, spacing, opts: PrepOptions) -> np.ndarray:
@@ -139,8 +139,9 @@ def _process(sv: SourceVolume, prep_dir: Path, opts: PrepOptions) -> dict[str, A
     img = read_nifti(sv.image_path)
     oriented = orient(voxel_data(img, sv.image_path), img.affine)  # (D, H, W) view
     spacing = sv.spacing or oriented.spacing
-    rescale = _decide_rescale(sv, oriented.array, opts.hu_source)
-    warnings = ctrate.hu_warnings(sv.image_path, oriented.array, rescale, opts.hu_source, sv.hu_hint == "fixed",
+    guess = ctrate.guess_hu(oriented.array)  # read the voxels once: the decision and its warnings
+    rescale = _decide_rescale(sv, guess, opts.hu_source)
+    warnings = ctrate.hu_warnings(sv.image_path, guess, rescale, opts.hu_source, sv.hu_hint == "fixed",
                                   (getattr(img.dataobj, "slope", None), getattr(img.dataobj, "inter", None)))
     vol = preprocess_image(oriented, spacing=spacing, target_spacing=opts.spacing, target_size=opts.size,
                            hu_window=opts.hu, rescale=rescale, grid=opts.grid)  # (D, H, W) float16
