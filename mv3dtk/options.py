@@ -39,6 +39,8 @@ class Opt:
     show_default: bool = True
     forward: bool = True  # passed on to the processes a launcher starts
     path: str | None = None  # "dir" or "file": a filesystem path (Click checks its kind, not its existence)
+    nargs: int = 1  # values per use (e.g. 3 for ``--token-pool D H W``): the field holds a tuple
+    multiple: bool = False  # the option may be repeated: the field holds a tuple of the values
 
     def flag(self, name: str) -> str:
         return self.flags[0] if self.flags else "--" + name.replace("_", "-")
@@ -64,7 +66,10 @@ def options_of(cls: type) -> list[tuple[dataclasses.Field, Opt, type]]:
         if spec is not None:
             kind = hints[f.name]
             args = [a for a in typing.get_args(kind) if a is not type(None)]
-            rows.append((f, spec, args[0] if args and typing.get_origin(kind) is not tuple else kind))
+            kind = args[0] if args and typing.get_origin(kind) is not tuple else kind
+            if (spec.multiple or spec.nargs > 1) and typing.get_origin(kind) is tuple:
+                kind = typing.get_args(kind)[0]  # tuple[int, ...] -> int: the type of one value
+            rows.append((f, spec, kind))
     order = {f.name: i for i, f in enumerate(dataclasses.fields(cls))}
     return sorted(rows, key=lambda r: (depth[r[0].name], order[r[0].name]))
 
@@ -79,6 +84,11 @@ def to_argv(opts: Any) -> list[str]:
             continue
         if spec.is_flag:
             argv += [spec.flag(f.name)] if value else []
+        elif spec.multiple:
+            for v in value:
+                argv += [spec.flag(f.name), str(v)]
+        elif spec.nargs > 1:
+            argv += [spec.flag(f.name), *map(str, value)]
         else:
             argv += [spec.flag(f.name), str(value)]
     return argv

@@ -82,12 +82,27 @@ def _retrieve(run_dir: Path, m: dict) -> dict:
     return out
 
 
+VQA_METRICS = ("bleu1", "meteor", "rouge_l", "cider", "accuracy")
+VQA_NAMES = {"bleu1": "BLEU-1", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr", "accuracy": "accuracy"}
+VQA_CHANCE = {"mc": 0.25, "short": 0.5}
+
+
+def _vqa(run_dir: Path, m: dict) -> dict:
+    return {"run_dir": run_dir, "metrics": run_dir / "metrics.json", "split": m.get("split"),
+            "n_items": m.get("n_items"), "model": m.get("model"),
+            "per_task": {t: {k: v.get(k) for k in (*VQA_METRICS, "n")} for t, v in m.get("per_task", {}).items()}}
+
+
 def summarize(project_root: str | os.PathLike) -> dict:
     """The summary of the project's latest zero-shot and retrieval runs: keys ``project``,
     ``zeroshot`` and ``retrieve`` (None for a task not run yet), ``loss_plots`` {model: loss.png}
     and ``status`` {task: stage status}. Raises :class:`MissingInputError` when neither ran."""
     project = Project(project_root).require()
-    out: dict = {"project": project.root, "zeroshot": None, "retrieve": None, "loss_plots": {}, "status": {}}
+    out: dict = {"project": project.root, "zeroshot": None, "retrieve": None, "vqa": None, "loss_plots": {},
+                 "status": {}}
+    vqa_dir = latest_run(project, "vqa-eval")
+    if vqa_dir is not None:
+        out["vqa"] = _vqa(vqa_dir, _read(vqa_dir / "metrics.json"))
     for task, read in (("zeroshot", _zeroshot), ("retrieve", _retrieve)):
         run_dir = latest_run(project, task)
         if run_dir is not None:
@@ -96,7 +111,7 @@ def summarize(project_root: str | os.PathLike) -> dict:
             model = out[task]["model"]
             if model and model not in out["loss_plots"]:
                 out["loss_plots"][model] = _loss_plot(model)
-    if out["zeroshot"] is None and out["retrieve"] is None:
+    if out["zeroshot"] is None and out["retrieve"] is None and out["vqa"] is None:
         p = project.root
         raise MissingInputError(f"nothing has been evaluated in {p} yet; run: mv3d -P {p} zeroshot --model "
                                 f"pretrain/<run>/model  and  mv3d -P {p} retrieve --model pretrain/<run>/model "
@@ -158,6 +173,13 @@ def _rows(s: dict) -> list[tuple[str, str, str, str, str]]:
         for i, k in enumerate(g["top_k"]):
             rows.append(("region grounding" if i == 0 else "", f"top-{k}", _f(g["top_k"][k]), _f(g["random"].get(k)),
                          f"{g['n_queries']} regions / {g['candidates']} texts" if i == 0 else ""))
+    if s.get("vqa"):
+        for task, m in s["vqa"]["per_task"].items():
+            names = [k for k in VQA_METRICS if m.get(k) is not None]
+            for i, k in enumerate(names):
+                chance = VQA_CHANCE.get(task) if k == "accuracy" else None
+                rows.append((f"VQA {task}" if i == 0 else "", VQA_NAMES[k], _f(m[k]),
+                             _f(chance) if chance is not None else "", f"{m.get('n')} answers" if i == 0 else ""))
     return rows
 
 
@@ -175,6 +197,10 @@ def format_summary(s: dict) -> str:
         note = f" [{state}: rerun it]" if state == "stale" else ""
         lines.append(f"{task:<9} run {t['run_dir'].name}: {t['split']}, {t['n_volumes']} volumes, "
                      f"model {_show(t['model'])}{note}")
+    if s.get("vqa"):
+        v = s["vqa"]
+        lines.append(f"{'vqa-eval':<9} run {v['run_dir'].parent.name}: {v['split']}, {v['n_items']} conversations, "
+                     f"model {_show(v['model'])}")
     models = {t["model"] for t in (s["zeroshot"], s["retrieve"]) if t}
     if len(models) > 1:
         lines.append("note: zeroshot and retrieve evaluated different models")
@@ -185,7 +211,8 @@ def format_summary(s: dict) -> str:
     lines += ["", fmt(header), "-" * (sum(w) + 6)] + [fmt(r) for r in rows] + [""]
     files = [("zero-shot metrics", s["zeroshot"] and s["zeroshot"]["metrics"]),
              ("ROC curves", s["zeroshot"] and s["zeroshot"]["roc"]),
-             ("retrieval metrics", s["retrieve"] and s["retrieve"]["metrics"])]
+             ("retrieval metrics", s["retrieve"] and s["retrieve"]["metrics"]),
+             ("VQA metrics", s.get("vqa") and s["vqa"]["metrics"])]
     files = [(name, path) for name, path in files + [("pretraining loss", p) for p in s["loss_plots"].values()] if path]
     width = max(len(name) for name, _ in files)
     lines += [f"{name:<{width}}  {_show(path)}" for name, path in files]

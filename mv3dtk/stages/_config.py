@@ -29,9 +29,9 @@ def click_options(cls: type) -> Callable[[Callable], Callable]:
             if spec.is_flag:
                 f = click.option(*decls, is_flag=True, default=fld.default, help=spec.help)(f)
                 continue
-            shown = spec.show_default and fld.default is not None
+            shown = spec.show_default and fld.default not in (None, ())
             f = click.option(*decls, type=_click_type(kind, spec), default=fld.default, show_default=shown,
-                             help=spec.help)(f)
+                             nargs=spec.nargs, multiple=spec.multiple, help=spec.help)(f)
         return f
 
     return decorate

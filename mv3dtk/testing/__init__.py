@@ -10,7 +10,9 @@ The test kit around the fixtures (never imported by the product; it needs the ``
 
 * :mod:`mv3dtk.testing.fake_llm`: a loopback Ollama/OpenAI chat server (the ``fake_llm`` fixture);
 * :mod:`mv3dtk.testing.tiny_models`: a tiny, randomly initialised BERT with a WordPiece vocabulary
-  trained on report text, for tests and demos.
+  trained on report text, for tests and demos;
+* :mod:`mv3dtk.testing.tiny_llama`: a tiny, randomly initialised Llama-3-style LLM folder (byte-level BPE,
+  chat template, safetensors) for the VQA tests.
 """
 
 from __future__ import annotations

@@ -67,23 +67,23 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, bank, config: di
     try:
         meta = json.loads((path / "trainer.json").read_text())
     except (OSError, ValueError) as e:
-        raise Mv3dError(_refused(path, "trainer.json", f"is not the JSON mv3d writes ({e})")) from None
+        raise Mv3dError(refused(path, "trainer.json", f"is not the JSON mv3d writes ({e})")) from None
     if meta.get("config") != config_fingerprint(config):
         raise Mv3dError(f"cannot resume from {path}: it was trained with other settings (model, losses, batch size, "
                         "lr, ...); resume with the same options or start a new run with --run NAME")
     device = next(model.parameters()).device
     # every file is read (and checked) before any state changes: a refused checkpoint leaves the run untouched
-    weights = _read_safetensors(path, "model.safetensors", device)
-    queue = _read_safetensors(path, "bank.safetensors", device)
-    opt_state, rng = _read_pt(path, "optimizer.pt", device), _read_pt(path, "rng.pt", "cpu")
+    weights = read_safetensors(path, "model.safetensors", device)
+    queue = read_safetensors(path, "bank.safetensors", device)
+    opt_state, rng = read_pt(path, "optimizer.pt", device), read_pt(path, "rng.pt", "cpu")
     if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8:
-        raise Mv3dError(_refused(path, "rng.pt", "does not hold the random-number state mv3d writes"))
+        raise Mv3dError(refused(path, "rng.pt", "does not hold the random-number state mv3d writes"))
     model.load_state_dict(weights)
     bank.load_state_dict(queue)
     try:
         optimizer.load_state_dict(opt_state)
     except (ValueError, KeyError, TypeError) as e:
-        raise Mv3dError(_refused(path, "optimizer.pt", f"does not fit this run's optimizer ({e})")) from None
+        raise Mv3dError(refused(path, "optimizer.pt", f"does not fit this run's optimizer ({e})")) from None
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -91,29 +91,29 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, bank, config: di
     return meta
 
 
-def _refused(ckpt: Path, name: str, what: str) -> str:
+def refused(ckpt: Path, name: str, what: str) -> str:
     return (f"cannot resume from {ckpt}: {name} {what}. Delete {ckpt} to resume from the checkpoint before it, "
             "or start a fresh run with --run NEW_NAME")
 
 
-def _read_safetensors(ckpt: Path, name: str, device) -> dict[str, torch.Tensor]:
+def read_safetensors(ckpt: Path, name: str, device) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(ckpt / name), device=str(device))
     except (SafetensorError, OSError) as e:  # a pickle (or anything else) in its place: never unpickled
-        raise Mv3dError(_refused(ckpt, name, f"is not a safetensors file written by mv3d ({e}): it was replaced or "
+        raise Mv3dError(refused(ckpt, name, f"is not a safetensors file written by mv3d ({e}): it was replaced or "
                                              "damaged, and nothing in it was run")) from None
 
 
-def _read_pt(ckpt: Path, name: str, device) -> Any:
+def read_pt(ckpt: Path, name: str, device) -> Any:
     """``torch.load(weights_only=True)``: tensors, numbers and containers only, never code."""
     try:
         return torch.load(ckpt / name, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise Mv3dError(_refused(ckpt, name, (
+        raise Mv3dError(refused(ckpt, name, (
             f"holds pickled Python code or objects ({_unpickling_reason(e)}), which mv3d never writes into a "
             "checkpoint: it was not written by mv3d (replaced or tampered with), and nothing in it was run"))) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise Mv3dError(_refused(ckpt, name, f"is damaged or not a PyTorch file ({type(e).__name__}: "
+        raise Mv3dError(refused(ckpt, name, f"is damaged or not a PyTorch file ({type(e).__name__}: "
                                              f"{str(e).splitlines()[0] if str(e) else ''})")) from None
 
 
