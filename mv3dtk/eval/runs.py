@@ -72,12 +72,12 @@ def run_folder(project_root: str | Path, task: str, run_name: str | None, model_
     return Path(project_root) / task / name
 
 
-def point_latest(run_dir: Path) -> Path:
-    """Make ``<task>/latest`` a relative symlink to ``run_dir`` (replaced atomically)."""
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-latest"
+def point_latest(run_dir: Path, link: Path | None = None) -> Path:
+    """Make ``link`` (default ``<task>/latest``) a relative symlink to ``run_dir`` (replaced atomically)."""
+    link = link or run_dir.parent / "latest"
+    tmp = link.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{link.name}"
     try:
-        os.symlink(run_dir.name, tmp)
+        os.symlink(os.path.relpath(run_dir, link.parent), tmp)
         os.replace(tmp, link)
     except OSError:  # no symlinks on this file system: the manifest still records the run
         tmp.unlink(missing_ok=True)

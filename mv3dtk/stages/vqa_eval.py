@@ -11,6 +11,7 @@ from ..registry import Artifact, Stage
 from ..runs import StageContext, pass_stage_context
 
 TASKS = "long,short,mc,report"
+LATEST = "vqa/latest-eval"  # a link to the latest evaluation folder
 
 
 @click.command("vqa-eval")
@@ -35,7 +36,7 @@ def command(sctx: StageContext, run_name, split, tasks, max_new_tokens, vqa, lim
             json_):
     """Score a VQA run on a split: BLEU-1, METEOR, ROUGE-L and CIDEr per task (pycocoevalcap on raw strings,
     as CT-CHAT), multiple-choice and yes/no accuracy; writes vqa/<run>/eval-<split>/."""
-    from ..eval.runs import parse_choices
+    from ..eval.runs import parse_choices, point_latest
     from ..vqa.evaluate import run_vqa_eval
     from ..vqa.evaluate import ask as ask_one
     from ..vqa.metrics import TASKS as ALL
@@ -52,6 +53,7 @@ def command(sctx: StageContext, run_name, split, tasks, max_new_tokens, vqa, lim
     out = model_dir.parent / f"eval-{split}"
     summary = run_vqa_eval(root, model_dir, out, split=split, tasks=chosen, max_new_tokens=max_new_tokens, vqa=vqa,
                            batch_size=batch_size, device=device, precision=precision, limit=limit, log=sctx.log)
+    point_latest(out, root / LATEST)  # what the manifest's vqa-eval.run names, even after an --ask
     sctx.record_output("vqa-eval.run", out)
     click.echo(format_table(summary), err=json_)
     if json_:
@@ -63,7 +65,7 @@ STAGE = Stage(
     command=command,
     summary="Evaluate a VQA run per task (BLEU-1, METEOR, ROUGE-L, CIDEr, MC accuracy), or --ask a question.",
     inputs=("prep.manifest", "prep.volumes"),
-    outputs=(Artifact("vqa-eval.run", "vqa", "metrics.json, per_task.csv, predictions.jsonl of the latest VQA "
+    outputs=(Artifact("vqa-eval.run", LATEST, "metrics.json, per_task.csv, predictions.jsonl of the latest VQA "
                       "evaluation", optional=True),),
     lock=lambda p: f"vqa-eval.{p.get('run_name') or 'latest'}",
 )
