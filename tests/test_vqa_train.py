@@ -145,7 +145,7 @@ def test_stage2_learns_the_planted_task_and_shuffled_tokens_do_not(tmp_path, llm
         samples = [Sample(it["volume_id"], encode_conversation(tok, it["conversations"])) for it in train_items]
         trainer = train(tmp_path / name / "stage2", "2", llm_dir, samples, cache, options(llm_dir, epochs2=12))
         results[name] = accuracy(trainer, tok, held_out, cache)
-    # measured: planted 1.000, shuffled 0.500-0.575 (the answers are "Yes." or "No." either way)
+    # measured on seeds 0, 1, 2: planted 1.000, shuffled 0.500 (it answers the same for every volume)
     assert results["planted"] >= 0.9, results
     assert results["shuffled"] <= 0.65, results
 
@@ -162,6 +162,10 @@ def test_stage1_trains_only_the_projector_and_its_loss_falls(tmp_path, lm_dir):
     rows = [json.loads(x) for x in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()]
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last <= 0.7 * first, (first, last)  # the issue's >= 30 % (measured 2.06 -> 1.01)
+    # 60 steps: 3 % warm-up (2 steps) to lr1, then cosine towards 0
+    lrs = [r["lr"] for r in rows]
+    assert len(lrs) == 60 and lrs[:2] == pytest.approx([1.5e-3, 3e-3])
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.01 * 3e-3
     assert all(torch.equal(v, llm_before[k]) for k, v in trainer.model.llm.state_dict().items())  # LLM frozen
     assert (tmp_path / "stage1" / "projector.safetensors").is_file()
     assert not (tmp_path / "stage1" / "adapter").exists()
