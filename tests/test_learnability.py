@@ -8,11 +8,13 @@
   region sentences stays at chance (mean 0.50-0.53). A broken loss, an optimiser that does not step, a
   text/image misalignment in the loader or a prompt/label mix-up fail the first half; an evaluation
   that would score well without learning from the pairs fails the second.
-* ``test_pretraining_with_all_four_terms_learns_global_and_organ_level_findings`` (``slow``, about 3
-  minutes on 2 cores): the demo's recipe (960 + 120 scans, 640 steps, all four loss terms) on the
-  cheap grid: the 18-label macro AUCs, eight findings globally and four at organ level through the
-  local pathway. The demo grid itself (0.847 / 0.849) took 7.5 minutes, half of the suite's budget:
-  ``benchmarks/learnability.py`` and ``make demo`` measure it (docs/learnability.md).
+  The same two runs are scored at organ level (the local pathway): four heart and mediastinum findings
+  are learnt (>= 0.85, measured 0.927-1.000) and the control stays at chance.
+
+The demo's setting (960 + 120 scans on the demo grid, 640 steps, all four terms: global 0.847, local
+0.849) took 7.5 minutes, half of the suite's 15-minute budget, and the same recipe on the coarse grid
+(3.5 minutes) asserted little more than the test above; ``make demo`` and ``benchmarks/learnability.py``
+measure it (docs/learnability.md).
 """
 
 from __future__ import annotations
@@ -79,8 +81,16 @@ def zero_shot_of(proj: Path, *modes: str) -> list[dict]:
     return [zero_shot(model, proj, mode=mode) for mode in modes]
 
 
+ORGAN = ("Cardiomegaly", "Pericardial effusion", "Coronary artery wall calcification", "Arterial wall calcification")
+"""Heart (three) and mediastinum (arterial wall, fVLM's aorta) findings: learnt at organ level."""
+
+
 def easy_aucs(result: dict) -> dict[str, float]:
     return {k: round(result["per_class"][k]["auroc"], 3) for k in EASY}
+
+
+def organ_aucs(result: dict) -> dict[str, float]:
+    return {k: round(result["per_class"][k]["auroc"], 3) for k in ORGAN}
 
 
 def shuffle_pairing(dataset: Path) -> dict[str, str]:
@@ -118,7 +128,7 @@ CHEAP_PRETRAIN = ["--losses", "global,local", "--epochs", "100", "--max-steps", 
                   "--workers", "0"]
 
 
-@pytest.mark.timeout(600)  # measured 114-130 s on 2 cores at load 1-1.7 (docs/learnability.md)
+@pytest.mark.timeout(900)  # measured 114-130 s on 2 cores at load 1-1.7, 259 s beside a CPU hog (docs/learnability.md)
 def test_a_short_pretraining_learns_the_easy_findings_and_a_shuffled_pairing_does_not(tmp_path, request):
     budget = Budget(request)
     config = get_model_config("vit-tiny")
@@ -144,7 +154,8 @@ def test_a_short_pretraining_learns_the_easy_findings_and_a_shuffled_pairing_doe
                for v, r in zip(swapped["volume_id"], swapped["report"]))
     assert sum(r == reports[v] for v, r in zip(swapped["volume_id"], swapped["report"])) < 0.05 * len(swapped)
 
-    (learnt,), (chance,) = zero_shot_of(proj, "global"), zero_shot_of(control, "global")
+    (learnt, learnt_local), (chance, chance_local) = zero_shot_of(proj, "global", "local"), \
+        zero_shot_of(control, "global", "local")
     assert learnt["n_volumes"] == chance["n_volumes"] == 80  # the same valid split, scored the same way
     easy, control_easy = easy_aucs(learnt), easy_aucs(chance)
     # measured on seeds 0, 1, 2: min 0.980, 0.978, 0.989 (docs/learnability.md)
@@ -152,36 +163,10 @@ def test_a_short_pretraining_learns_the_easy_findings_and_a_shuffled_pairing_doe
     # measured: mean 0.529 (seed 0), 0.499 (seed 1), 0.42-0.68 per finding; one AUC's noise on 80 volumes is ~0.07
     assert sum(control_easy.values()) / len(EASY) < 0.65, \
         f"trained on shuffled pairs, the model still scores the easy findings: {control_easy}"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)  # measured 275 s on 2 cores beside other tests (~170 s idle)
-def test_pretraining_with_all_four_terms_learns_global_and_organ_level_findings(tmp_path, request):
-    """The demo's recipe (960 + 120 scans, 8 epochs = 640 steps, all four loss terms, frozen MiniLM,
-    --global-text statements) on the cheap test's coarse grid. The demo grid itself (global 0.847, local
-    0.849, lung textures learnt through the lung window) takes 7.5 minutes on 2 cores, half of the
-    suite's budget: ``benchmarks/learnability.py`` and ``make demo`` measure it (docs/learnability.md)."""
-    config = get_model_config("vit-tiny")
-    config["name"], config["image"]["input_size"] = "vit-tiny-16x32x32", [int(n) for n in CHEAP_SIZE]
-    (tmp_path / "vit-tiny-16x32x32.json").write_text(json.dumps(config))
-    budget = Budget(request)
-    data, proj = tmp_path / "data", tmp_path / "project"
-    synth(data, budget, n_train=960, n_valid=120, shape=CHEAP_SIZE, spacing=CHEAP_GRID)
-    rows = pretrain_on(data, proj, budget, spacing=CHEAP_GRID, size=CHEAP_SIZE, pretrain=[
-        "--model-config", str(tmp_path / "vit-tiny-16x32x32.json"), "--epochs", "8", "--lr", "1e-3", "--workers", "1"])
-    assert len(rows) == 640 and rows[-1]["global_semantic"] > 0 and rows[-1]["local_semantic"] > 0  # all 4 terms
-    assert rows[-1]["global"] < rows[0]["global"] - 0.6  # the contrastive loss goes down (measured 3.69 -> 2.42)
-
-    glob, loc = zero_shot_of(proj, "global", "local")
-    assert glob["n_volumes"] == 160 and glob["macro"]["n_classes"] == 18
-    # measured on this seed: global 0.769, local 0.739 (below the demo grid's 0.847 / 0.849: at 3 mm in-plane
-    # the lung textures are not learnt); untrained, every AUC is 0.5 +- noise
-    assert glob["macro"]["auroc"] >= 0.72, glob["per_class"]
-    assert loc["macro"]["auroc"] >= 0.70, loc["per_class"]
-    # the seven large or bright findings and cardiomegaly, globally (measured 0.977-1.000)
-    found = {**easy_aucs(glob), "Cardiomegaly": round(glob["per_class"]["Cardiomegaly"]["auroc"], 3)}
-    assert min(found.values()) >= 0.9, found
-    # organ level, from the local pathway's heart and mediastinum embeddings (measured 0.987-1.000)
-    organ = {k: loc["per_class"][k]["auroc"] for k in ("Cardiomegaly", "Pericardial effusion",
-                                                        "Coronary artery wall calcification", "Arterial wall calcification")}
-    assert min(organ.values()) >= 0.9, organ
+    # organ level: the local pathway's heart and mediastinum embeddings against the organ's prompts
+    # (fVLM's protocol), measured 0.927-1.000; the control's mean 0.424
+    organ, control_organ = organ_aucs(learnt_local), organ_aucs(chance_local)
+    assert min(organ.values()) >= 0.85, f"the organ-level findings were not learnt: {organ}"
+    assert sum(control_organ.values()) / len(ORGAN) < 0.65, control_organ
+    # all 18 labels (16 at organ level): measured 0.772 / 0.689, the control 0.498 / 0.483
+    assert learnt["macro"]["auroc"] >= 0.70 and chance["macro"]["auroc"] < 0.6, (learnt["macro"], chance["macro"])
