@@ -171,6 +171,15 @@ def test_stage1_trains_only_the_projector_and_its_loss_falls(tmp_path, lm_dir):
     assert not (tmp_path / "stage1" / "adapter").exists()
 
 
+def planted_samples(tmp_path: Path, llm_dir: Path, n: int):
+    """-> (tokenizer, n planted items, their token cache, their training samples)."""
+    _, tok = load_llm(llm_dir)
+    items = planted(n, seed=0)
+    cache = FeatureCache(tmp_path / "features")
+    write_tokens(cache, items, seed=0)
+    return tok, items, cache, [Sample(it["volume_id"], encode_conversation(tok, it["conversations"])) for it in items]
+
+
 def _logits(trainer_or_model, tok, item, cache):
     model = getattr(trainer_or_model, "model", trainer_or_model).eval()
     enc = encode_conversation(tok, item["conversations"])
@@ -183,11 +192,7 @@ def test_saved_adapter_and_projector_give_identical_logits(tmp_path, llm_dir):
     from mv3dtk.vqa.evaluate import load_vqa_model
     from mv3dtk.vqa.train import write_model
 
-    _, tok = load_llm(llm_dir)
-    items = planted(16, seed=0)
-    cache = FeatureCache(tmp_path / "features")
-    write_tokens(cache, items, seed=0)
-    samples = [Sample(it["volume_id"], encode_conversation(tok, it["conversations"])) for it in items]
+    tok, items, cache, samples = planted_samples(tmp_path, llm_dir, 16)
     opts = options(llm_dir, epochs2=3, stage="2")
     trainer = train(tmp_path / "run" / "stage2", "2", llm_dir, samples, cache, opts)
     write_model(tmp_path / "run", ("2",), llm_dir, tmp_path / "encoder", "mv3d-image:test", opts, TOKENS, CHANNELS)
@@ -201,11 +206,7 @@ def test_saved_adapter_and_projector_give_identical_logits(tmp_path, llm_dir):
 
 
 def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, llm_dir):
-    _, tok = load_llm(llm_dir)
-    items = planted(32, seed=0)
-    cache = FeatureCache(tmp_path / "features")
-    write_tokens(cache, items, seed=0)
-    samples = [Sample(it["volume_id"], encode_conversation(tok, it["conversations"])) for it in items]
+    _, _, cache, samples = planted_samples(tmp_path, llm_dir, 32)
     opts = options(llm_dir, epochs2=3, batch_size=8, micro_batch=4, checkpoint_every=4)  # 12 steps, ckpt 4, 8, 12
     full = tmp_path / "full"
     train(full, "2", llm_dir, samples, cache, opts)

@@ -9,6 +9,7 @@ from ..registry import Artifact, Stage
 from ..runs import StageContext, pass_stage_context
 from ..train.options import PretrainOptions
 from ._config import click_options
+from ._launch import launch_or_run
 
 
 @click.command("pretrain")
@@ -17,18 +18,15 @@ from ._config import click_options
 def command(sctx: StageContext, **options):
     """Pretrain MedVista3D (global + local + semantic alignment) on prep's volumes and masks, the
     report and region sentences, and rewrite's enriched texts. Defaults are the paper's."""
-    from ..launch import needs_launch, run_name, torchrun
+    from ..launch import run_name
     from ..train.pretrain import run_pretraining, train_config
 
     opts, root = PretrainOptions(**options), sctx.project.root
     cfg = train_config(root, opts)
     run = run_name(opts.run_name, opts.backbone)
     run_dir = root / "pretrain" / run
-    if needs_launch(opts.nproc):
-        torchrun("pretrain", opts, project=root, nproc=opts.nproc, run=run, parent_run=sctx.run_id, log=sctx.log,
-                 root_args=sctx.root_args)
-    else:
-        run_pretraining(root, run_dir, cfg, opts.resume, sctx.log, opts.report_to)
+    launch_or_run(sctx, "pretrain", opts, run, lambda: run_pretraining(root, run_dir, cfg, opts.resume, sctx.log,
+                                                                       opts.report_to))
     if sctx.dist.is_main:
         sctx.record_output("pretrain.model", run_dir / "model")
 

@@ -9,6 +9,7 @@ from ..registry import Artifact, Stage
 from ..runs import StageContext, pass_stage_context
 from ..vqa.options import VqaTrainOptions
 from ._config import click_options
+from ._launch import launch_or_run
 
 
 @click.command("vqa-train")
@@ -18,17 +19,13 @@ def command(sctx: StageContext, **options):
     """Train the VQA / report-generation model on cached image tokens: stage 1 tunes the projector on
     volume-report pairs, stage 2 LoRA-tunes the LLM and the projector on CT-CHAT conversations.
     Defaults are CT-CHAT's, which the paper follows; writes vqa/<run>/."""
-    from ..launch import needs_launch, run_name, torchrun
+    from ..launch import run_name
     from ..vqa.train import run_vqa_training
 
     opts, root = VqaTrainOptions(**options), sctx.project.root
     run = run_name(opts.run_name, "vqa")
     run_dir = root / "vqa" / run
-    if needs_launch(opts.nproc):
-        torchrun("vqa-train", opts, project=root, nproc=opts.nproc, run=run, parent_run=sctx.run_id, log=sctx.log,
-                 root_args=sctx.root_args)
-    else:
-        run_vqa_training(root, run_dir, opts, sctx.log)
+    launch_or_run(sctx, "vqa-train", opts, run, lambda: run_vqa_training(root, run_dir, opts, sctx.log))
     if sctx.dist.is_main:
         sctx.record_output("vqa.model", run_dir / "model")
 

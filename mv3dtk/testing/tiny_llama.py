@@ -26,11 +26,11 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from ..errors import ConfigError
 from ..models.text import _offline
+from .tiny_models import seeded
 
 __all__ = ["BOS", "CHAT_TEMPLATE", "EOS", "EOT", "SPECIAL_TOKENS", "make_tiny_llama", "train_byte_bpe"]
 
@@ -99,12 +99,7 @@ def make_tiny_llama(out_dir: str | Path, texts: Iterable[str], *, seed: int = 0,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=max_position, bos_token_id=ids[BOS], eos_token_id=stops,
                          tie_word_embeddings=False)
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
+    model = seeded(seed, lambda: LlamaForCausalLM(config))
     model.generation_config = GenerationConfig(bos_token_id=ids[BOS], eos_token_id=stops)
     model.save_pretrained(str(d))
     return d

@@ -15,7 +15,7 @@ import heapq
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders
@@ -27,11 +27,22 @@ from tokenizers.processors import BertProcessing
 from ..errors import ConfigError
 from ..models.text import SETTINGS_FILE, SPECIAL_TOKENS, _offline
 
-__all__ = ["learn_wordpiece_vocab", "make_tiny_bert", "train_wordpiece", "wordpiece_tokenizer"]
+__all__ = ["learn_wordpiece_vocab", "make_tiny_bert", "seeded", "train_wordpiece", "wordpiece_tokenizer"]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def seeded(seed: int, build: Callable[[], Any]) -> Any:
+    """``build()`` with torch's generator seeded (bit-identical weights for a seed), leaving the
+    caller's random state as it was."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
 
 
 # --------------------------------------------------------------------------- WordPiece vocabulary
@@ -161,12 +172,7 @@ def make_tiny_bert(directory: str | Path, texts: Iterable[str], *, hidden: int =
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=intermediate,
                         max_position_embeddings=max_position, pad_token_id=tok.token_to_id("[PAD]"))
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = BertModel(config)
-    finally:
-        torch.random.set_rng_state(state)
+    model = seeded(seed, lambda: BertModel(config))
     model.save_pretrained(str(d))
     _write_json(d / SETTINGS_FILE, {"pooling": "mean", "max_length": min(256, max_position),
                                     "trust_remote_code": False, "name": f"tiny-bert-h{hidden}-l{layers}-s{seed}"})
