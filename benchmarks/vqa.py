@@ -6,9 +6,11 @@ CT-CHAT tasks on the valid split, beside a blind run and chance.
 
 * The encoder is the quickstart's pretrained model (``pretrain/quickstart/model``), frozen; its tokens
   are cached once (``vqa/features/``), average-pooled to ``--token-pool`` (default 2 4 4 = 32 tokens).
-* The LLM is a tiny random Llama (``mv3dtk.testing.tiny_llama``; ``--hidden``, ``--layers``) whose
-  byte-level BPE is trained on the dataset's VQA texts. It knows no language when it starts, so every
-  number here measures what the image tokens teach a small model in a few epochs, not a real LLM.
+* The LLM is a tiny Llama (``mv3dtk.testing.tiny_llama``; ``--hidden``, ``--layers``) whose byte-level
+  BPE is trained on the dataset's VQA texts, then pretrained as a plain language model on the train
+  split's questions, answers and reports (``--lm-steps``): LLaVA starts from an LLM that knows its
+  language. Every number here measures what the image tokens add for a small model in a few epochs, not
+  what a real LLM reaches.
 * The **blind run** is the same training and evaluation with every image token zeroed: what the questions
   and the answer priors alone give. Chance: 0.25 for multiple choice, 0.5 for yes/no.
 * Printed: per task BLEU-1, METEOR (with java), ROUGE-L, CIDEr, and the MC and yes/no accuracy of both
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--epochs1", type=int, default=1)
     ap.add_argument("--epochs2", type=int, default=4)
+    ap.add_argument("--lm-steps", type=int, default=1500, help="language-model pretraining steps of the tiny Llama")
     ap.add_argument("--lr", type=float, default=1e-3, help="stage 1 lr, and stage 2 LoRA and projector lr")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -62,7 +65,7 @@ def main() -> None:
 
     from mv3dtk.dist import DistInfo
     from mv3dtk.models.medvista3d import load_model
-    from mv3dtk.testing.tiny_llama import make_tiny_llama
+    from mv3dtk.testing.tiny_llama import make_tiny_llama, pretrain_tiny_llama
     from mv3dtk.vqa.chat import encode_conversation, encode_plain
     from mv3dtk.vqa.data import read_vqa, vqa_files
     from mv3dtk.vqa.evaluate import answer_items
@@ -92,6 +95,11 @@ def main() -> None:
     texts = [t["value"] for f in vqa_files(a.data) for it in read_vqa(f) for t in it["conversations"]]
     llm_dir = make_tiny_llama(a.out / "llama", texts + [r for _, r in captions], seed=0, vocab_size=2000,
                               hidden_size=a.hidden, layers=a.layers)
+    t = time.perf_counter()
+    lm_texts = [turn["value"].replace("<image>\n", "") for it in train_items for turn in it["conversations"]]
+    llm_dir = pretrain_tiny_llama(llm_dir, lm_texts + [r for _, r in captions], a.out / "lm", steps=a.lm_steps,
+                                  batch_size=16, lr=1e-3)
+    print(f"language-model pretraining: {a.lm_steps} steps in {time.perf_counter() - t:.0f} s")
     _, tok = load_llm(llm_dir)
     caption_samples = [Sample(v, encode_plain(tok, r)) for v, r in captions]
     vqa_samples = [Sample(it["volume_id"], encode_conversation(tok, it["conversations"])) for it in train_items]

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mv3dtk.dist import DistInfo
-from mv3dtk.testing.tiny_llama import make_tiny_llama
+from mv3dtk.testing.tiny_llama import make_tiny_llama, pretrain_tiny_llama
 from mv3dtk.vqa.chat import encode_conversation, encode_plain
 from mv3dtk.vqa.evaluate import answer_items
 from mv3dtk.vqa.features import FeatureCache
@@ -55,23 +55,7 @@ def lm_dir(llm_dir, tmp_path_factory) -> Path:
     presupposes an LLM that knows its language (LLaVA starts from Vicuna, CT-CHAT from Llama-3.1), and
     a random LLM gives a projector almost nothing to steer (its loss falls ~6 %)."""
     torch.set_num_threads(1)
-    llm, tok = load_llm(llm_dir)
-    llm.train()
-    opt = torch.optim.AdamW(llm.parameters(), lr=3e-3)
-    ids = [torch.tensor(tok.encode(t + "\n")) for t in REPORTS.values()]
-    g = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        batch = [ids[i] for i in torch.randint(len(ids), (8,), generator=g).tolist()]
-        x = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)  # (B, L)
-        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(b) for b in batch], batch_first=True)
-        y = x.masked_fill(mask == 0, -100)
-        llm(input_ids=x, attention_mask=mask, labels=y).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    out = tmp_path_factory.mktemp("lm") / "tiny-lm"
-    shutil.copytree(llm_dir, out)
-    llm.save_pretrained(out)
-    return out
+    return pretrain_tiny_llama(llm_dir, list(REPORTS.values()), tmp_path_factory.mktemp("lm") / "tiny-lm")
 
 
 def planted(n: int, seed: int) -> list[dict]:

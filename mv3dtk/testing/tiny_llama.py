@@ -103,3 +103,33 @@ def make_tiny_llama(out_dir: str | Path, texts: Iterable[str], *, seed: int = 0,
     model.generation_config = GenerationConfig(bos_token_id=ids[BOS], eos_token_id=stops)
     model.save_pretrained(str(d))
     return d
+
+
+def pretrain_tiny_llama(llm_dir: str | Path, texts: Iterable[str], out_dir: str | Path, *, steps: int = 150,
+                        batch_size: int = 8, lr: float = 3e-3, seed: int = 0) -> Path:
+    """A short causal language-model pretraining of the Llama in ``llm_dir`` on ``texts`` (each
+    ``BOS text \\n``), all weights, AdamW; written with its tokenizer to ``out_dir``. LLaVA's stages start
+    from an LLM that knows its language (Vicuna, Llama-3.1); a random tiny Llama does not, and a
+    projector alone can then steer it very little. -> ``out_dir``."""
+    import shutil
+
+    import torch
+
+    from ..vqa.llm import load_llm
+
+    llm, tok = load_llm(llm_dir)
+    llm.train()
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr)
+    ids = [torch.tensor(tok.encode(str(t) + "\n")) for t in texts]
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = [ids[i] for i in torch.randint(len(ids), (batch_size,), generator=g).tolist()]
+        x = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)  # (B, L)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(b) for b in batch], batch_first=True)  # (B, L)
+        llm(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = Path(out_dir)
+    shutil.copytree(llm_dir, out, dirs_exist_ok=True)
+    llm.save_pretrained(str(out))
+    return out
