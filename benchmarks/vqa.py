@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N valid conversations")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: more threads only contend, "
+                                                          "30x slower on a busy 2-core box)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/mv3d-vqa-bench"))
     a = ap.parse_args()
     if not (a.project / a.model / "config.json").is_file():
@@ -63,6 +65,7 @@ def main() -> None:
 
     import torch
 
+    torch.set_num_threads(a.threads)
     from mv3dtk.dist import DistInfo
     from mv3dtk.models.medvista3d import load_model
     from mv3dtk.testing.tiny_llama import make_tiny_llama, pretrain_tiny_llama

@@ -128,7 +128,7 @@ CHEAP_PRETRAIN = ["--losses", "global,local", "--epochs", "100", "--max-steps", 
                   "--workers", "0"]
 
 
-@pytest.mark.timeout(900)  # measured 114-130 s on 2 cores at load 1-1.7, 259 s beside a CPU hog (docs/learnability.md)
+@pytest.mark.timeout(1500)  # measured 114-141 s on 2 idle cores, 259 s beside a CPU hog, 716 s beside four
 def test_a_short_pretraining_learns_the_easy_findings_and_a_shuffled_pairing_does_not(tmp_path, request):
     budget = Budget(request)
     config = get_model_config("vit-tiny")
