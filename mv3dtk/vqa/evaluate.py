@@ -86,6 +86,13 @@ def clean_question(text: str) -> str:
     return TASK_TOKEN.sub(" ", text.replace("<image>", "")).strip()
 
 
+def _stops_and_pad(tok, model: VqaModel) -> tuple[list[int], int]:
+    """The ids that end an answer, and a padding id (the tokenizer's, else the first stop id: Llama-3
+    defines no pad token; padded positions are masked anyway)."""
+    stops = stop_ids(tok, model.llm)
+    return stops, tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+
+
 def _answer(model: VqaModel, tok, histories: list[list[dict]], feats: list[torch.Tensor], *, max_new_tokens: int,
             stops: list[int], pad: int) -> list[str]:
     prompts = [encode_prompt(tok, h) for h in histories]
@@ -98,8 +105,7 @@ def answer_items(model: VqaModel, tok, items: list[dict], cache: FeatureCache, *
     """Greedy answers to every asked turn of ``items``; -> one row per answered turn."""
     log = log or logging.getLogger("mv3d")
     device = next(model.parameters()).device
-    stops = stop_ids(tok, model.llm)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    stops, pad = _stops_and_pad(tok, model)
     rows: list[dict] = []
     for start in range(0, len(items), batch_size):
         group = items[start:start + batch_size]
@@ -190,7 +196,6 @@ def ask(project_root: str | Path, model_dir: str | Path, volume_id: str, questio
     cache = eval_cache(root, card, [volume_id], device=dev, precision=precision, log=log)
     model, tok, _ = load_vqa_model(model_dir, device=dev, precision=precision)
     text = question if "<image>" in question else f"<image>\n{question}"
-    stops = stop_ids(tok, model.llm)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    stops, pad = _stops_and_pad(tok, model)
     return _answer(model, tok, [[{"from": "human", "value": text}]], [cache.read(volume_id).to(dev)],
                    max_new_tokens=max_new_tokens, stops=stops, pad=pad)[0]

@@ -37,12 +37,12 @@ from safetensors.torch import load_file, save_file
 from ..dist import barrier, init_distributed, shutdown
 from ..errors import ConfigError, MissingInputError, Mv3dError
 from ..fs import atomic_path, atomic_write_json
-from ..train.checkpoint import KEEP, config_fingerprint, latest_checkpoint, read_pt, read_safetensors, refused, rng_state
 from ..tracking import make_tracker
+from ..train.checkpoint import KEEP, config_fingerprint, latest_checkpoint, read_pt, read_safetensors, refused, rng_state
 from ..train.loop import lr_factor
 from .chat import Encoded, encode_conversation, encode_plain, truncate
 from .data import keep_prepped, read_vqa, vqa_files
-from .features import FeatureCache, build_cache, cache_dir
+from .features import FeatureCache, build_cache
 from .llm import check_llm_dir, describe_llm, load_llm
 from .model import Projector, VqaModel, supervised_tokens
 from .options import VqaTrainOptions
@@ -436,4 +436,4 @@ class StageTrainer:
             self._load_adapter(load_file(str(self.dir / "adapter" / "adapter_model.safetensors")))
 
 
-__all__ = ["run_vqa_training", "write_model", "StageTrainer", "cache_dir"]
+__all__ = ["run_vqa_training", "write_model", "StageTrainer"]
