@@ -56,3 +56,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- the time budget of each test (issue #17: no test over half its own timeout) -----------------------
+_SPENT: dict[str, float] = {}
+_LIMIT: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    _SPENT[report.nodeid] = _SPENT.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("timeout")
+    limit = marker.args[0] if marker and marker.args else item.config.getini("timeout")
+    if limit:
+        _LIMIT[item.nodeid] = float(limit)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Report (never assert: timings are the machine's, not the code's) the tests nearest their timeout."""
+    share = sorted(((_SPENT.get(n, 0.0) / lim, n) for n, lim in _LIMIT.items() if lim), reverse=True)
+    if not share:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", "share of its own timeout used, top 5 (keep each under 50 %)")
+    for frac, nodeid in share[:5]:
+        tr.write_line(f"{frac:6.1%}  {_SPENT[nodeid]:7.1f} s of {_LIMIT[nodeid]:.0f} s  {nodeid}")
+    over = [n for f, n in share if f > 0.5]
+    tr.write_line(f"{len(over)} test(s) over half their timeout" + (": " + ", ".join(over) if over else ""))
