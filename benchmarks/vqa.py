@@ -11,6 +11,11 @@ CT-CHAT tasks on the valid split, beside a blind run and chance.
   split's questions, answers and reports (``--lm-steps``): LLaVA starts from an LLM that knows its
   language. Every number here measures what the image tokens add for a small model in a few epochs, not
   what a real LLM reaches.
+* **Questions.** Synth's VQA files ask three questions per scan; CT-RATE's ask dozens. ``--questions N``
+  (default 8) adds, for every train and valid scan, one conversation of N short-answer and N multiple-choice
+  turns drawn from the scan's labels with synth's own question makers (``synth_text.question_items``).
+* **What the features hold.** A logistic regression per label on the mean image token (train scans) gives
+  the valid macro AUC printed first: the most any LLM could read from these tokens.
 * The **blind run** is the same training and evaluation with every image token zeroed: what the questions
   and the answer priors alone give. Chance: 0.25 for multiple choice, 0.5 for yes/no.
 * Printed: per task BLEU-1, METEOR (with java), ROUGE-L, CIDEr, and the MC and yes/no accuracy of both
@@ -41,6 +46,54 @@ class ZeroTokens:
         return self.cache.has(volume_id)
 
 
+def volume_labels(project):
+    """{volume_id: {label: 0/1}} from prep's volumes.parquet (the CT-RATE label columns)."""
+    import polars as pl
+
+    from mv3dtk.data.synth_text import ABNORMALITIES
+
+    df = pl.read_parquet(project / "prep" / "volumes.parquet", columns=["volume_id", *ABNORMALITIES])
+    return {r["volume_id"]: {k: int(r[k]) for k in ABNORMALITIES} for r in df.drop_nulls().iter_rows(named=True)}
+
+
+def drawn_questions(items, labels, n, seed, path):
+    """One more conversation per scan of ``items``: ``n`` short-answer and ``n`` MC turns from its labels,
+    written to ``path`` and read back as any VQA file is."""
+    import json
+
+    import numpy as np
+
+    from mv3dtk.data.synth_text import question_items
+    from mv3dtk.vqa.data import read_vqa
+
+    if n <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    scans = sorted({(it["image"], it["volume_id"]) for it in items if it["volume_id"] in labels})
+    path.write_text(json.dumps([question_items(img, labels[v], rng, n) for img, v in scans]))
+    return read_vqa(path)
+
+
+def probe_auc(cache, labels, vols):
+    """Macro AUC on the valid scans of a logistic regression per label on the train scans' mean image token."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    split = dict(zip(vols["volume_id"], vols["split"]))
+    ids = {s: [v for v in labels if split.get(v) == s and cache.has(v)] for s in ("train", "valid")}
+    x = {s: np.stack([cache.read(v).float().mean(0).numpy() for v in ids[s]]) for s in ids}  # (V, C)
+    mu, sd = x["train"].mean(0), x["train"].std(0) + 1e-6
+    aucs = []
+    for name in next(iter(labels.values())):
+        y = {s: np.array([labels[v][name] for v in ids[s]]) for s in ids}
+        if len(set(y["train"])) < 2 or len(set(y["valid"])) < 2:
+            continue
+        clf = LogisticRegression(C=0.1, max_iter=2000).fit((x["train"] - mu) / sd, y["train"])
+        aucs.append(roc_auc_score(y["valid"], clf.decision_function((x["valid"] - mu) / sd)))
+    return float(np.mean(aucs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--project", type=Path, default=Path("demo/project"))
@@ -51,6 +104,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--epochs1", type=int, default=1)
     ap.add_argument("--epochs2", type=int, default=4)
+    ap.add_argument("--questions", type=int, default=8,
+                    help="extra short-answer and multiple-choice turns per scan, drawn from its labels (synth's "
+                         "files hold three questions per scan, CT-RATE's dozens); 0: the files' questions only")
     ap.add_argument("--lm-steps", type=int, default=1500, help="language-model pretraining steps of the tiny Llama")
     ap.add_argument("--lr", type=float, default=1e-3, help="stage 1 lr, and stage 2 LoRA and projector lr")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -86,6 +142,9 @@ def main() -> None:
     train_items = vqa_items([a.data], vols, "train", log)
     valid_items = vqa_items([a.data], vols, "valid", log)[:a.limit]
     captions = [(v, r) for v, r, s in zip(vols["volume_id"], vols["report"], vols["split"]) if s == "train" and r]
+    labels = volume_labels(a.project)
+    train_items += drawn_questions(train_items, labels, a.questions, 1, a.out / "questions-train.json")
+    valid_items += drawn_questions(valid_items, labels, a.questions, 2, a.out / "questions-valid.json")
 
     t = time.perf_counter()
     encoder = load_model(a.project / a.model)
@@ -94,6 +153,8 @@ def main() -> None:
     n_tok, dim = cache.read(needed[0]).shape
     print(f"token cache: {len(needed)} volumes x {n_tok} tokens x {dim} in {time.perf_counter() - t:.0f} s "
           f"({cache.directory})")
+    print(f"linear probe of the mean image token (what the features hold): valid macro AUC "
+          f"{probe_auc(cache, labels, vols):.3f} over the labels")
 
     texts = [t["value"] for f in vqa_files(a.data) for it in read_vqa(f) for t in it["conversations"]]
     llm_dir = make_tiny_llama(a.out / "llama", texts + [r for _, r in captions], seed=0, vocab_size=2000,

@@ -19,6 +19,8 @@ from mv3dtk.data.ctrate import (ABNORMALITIES, METADATA_COLUMNS, REGIONS, REPORT
                                 labels_csv, metadata_csv, region_mask_dir, region_texts_csv,
                                 reports_csv, volume_relpath, vqa_json)
 from mv3dtk.data.synth import make_synthetic_dataset
+from mv3dtk.data.synth_text import question_items
+from mv3dtk.vqa.data import read_vqa
 
 SHAPE = (48, 96, 96)  # (D, H, W)
 SPACING = (3.0, 0.75, 0.75)  # (z, y, x)
@@ -456,6 +458,22 @@ def test_vqa_json(ds):
                 _check_answer(q, a["value"], labels[it["image"]])
         assert seen == set(tokens)
         assert {it["image"] for it in items} == {v for v in summary.volume_names if v.startswith(split)}
+
+
+def test_drawn_question_items_follow_the_labels_and_read_back(tmp_path):
+    """``question_items`` (the VQA benchmark's extra questions): n short + n MC turns, answered from the labels."""
+    lab = {n: int(i % 3 == 0) for i, n in enumerate(ABNORMALITIES)}
+    item = question_items("train_7_a_1.nii.gz", lab, np.random.default_rng(0), 5)
+    conv = item["conversations"]
+    assert [t["type"] for t in conv[::2]] == ["short_answer", "multiple_choice"] * 5
+    assert conv[0]["value"].startswith("<image>\n") and not any("<image>" in t["value"] for t in conv[1:])
+    answers = [a["value"] for a in conv[1::2]]
+    for q, a in zip(conv[::2], answers):
+        _check_answer(q, a, lab)
+    assert {"Yes.", "No."} <= set(answers)  # both answers drawn, not one constant
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([item]))
+    assert read_vqa(path)[0]["volume_id"] == "train_7_a_1"
 
 
 def _check_answer(q: dict, answer: str, lab: dict) -> None:

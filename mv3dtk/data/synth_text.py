@@ -349,3 +349,14 @@ def vqa_items(volume: str, labels: dict[str, int], report: Report, findings: dic
                  "<report_generation>", True)
     return [{"id": f"{stem}_qa", "image": volume, "conversations": conv},
             {"id": f"{stem}_report", "image": volume, "conversations": rep}]
+
+
+def question_items(volume: str, labels: dict[str, int], rng, n: int) -> dict:
+    """One more conversation about ``volume``: ``n`` short-answer and ``n`` multiple-choice turns drawn from its
+    labels, in CT-CHAT's schema. CT-RATE's VQA set asks dozens of questions per scan, synth's files three;
+    a benchmark that needs more questions per scan draws them here (``benchmarks/vqa.py --questions``)."""
+    conv = []
+    for i in range(n):
+        conv += _turns(*_short_answer(labels, rng), "short_answer", "<short_answer>", not conv)
+        conv += _turns(*_multiple_choice(labels, rng), "multiple_choice", "<multiple_choice>", False)
+    return {"id": f"{volume[: -len('.nii.gz')]}_questions", "image": volume, "conversations": conv}
