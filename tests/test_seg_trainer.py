@@ -354,8 +354,14 @@ def test_train_refuses_a_numeric_fold_on_4_cases_and_a_resume_without_checkpoint
 def test_a_short_training_run_writes_checkpoints_and_a_model_that_predicts_the_same(nn, planned):
     """2 epochs x 2 iterations through the driver (no trainer search), nnU-Net's final validation, the export,
     and a resume of the finished run."""
+    import matplotlib
+
+    style = dict(matplotlib.rcParams)
     out = nn.train(planned.run, DATASET, fold=0, device="cpu")
     assert out == nn.output_folder(planned.run, DATASET, 0)
+    # nnU-Net's progress plot (seaborn.set) leaves matplotlib's global style as it was: later plots are unchanged
+    changed = {k for k in style if k != "backend" and str(matplotlib.rcParams[k]) != str(style[k])}
+    assert not changed, f"training changed matplotlib's rcParams: {sorted(changed)[:5]}"
     assert out.name == "fold_0" and out.parent.name == "nnUNetTrainer_mv3d__mv3dPlans__3d_fullres_mv3d"
     for name in ("checkpoint_final.pth", "network_final.safetensors", "network_final.json", "mv3d_init.json"):
         assert (out / name).is_file(), name

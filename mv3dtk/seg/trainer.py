@@ -106,6 +106,19 @@ def _safe_load(path: str | os.PathLike, device: torch.device) -> dict[str, Any]:
                         "unpickle arbitrary objects: start a new run instead of --resume") from None
 
 
+def _keeping_matplotlib_style(plot):
+    """nnU-Net's progress plot calls ``seaborn.set()``, which rewrites matplotlib's global rcParams (grey
+    background, seaborn's colour cycle) for the rest of the process: every later plot of the process (mv3d's ROC
+    curves, a notebook's figures) would change. Run it inside ``matplotlib.rc_context()``, which restores them."""
+    def plot_progress_png(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context():
+            return plot(*args, **kwargs)
+
+    return plot_progress_png
+
+
 # ---------------------------------------------------------------------------------------------- the trainer
 class nnUNetTrainer_mv3d(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming convention for trainer variants
     """nnU-Net's trainer for :class:`mv3dtk.seg.network.SegNetwork` (see the module docstring)."""
@@ -122,6 +135,7 @@ class nnUNetTrainer_mv3d(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming conven
         self.num_iterations_per_epoch = self.mv3d["iterations"]
         self.num_val_iterations_per_epoch = self.mv3d["val_iterations"]
         self.loaded_encoder_tensors = 0
+        self.logger.plot_progress_png = _keeping_matplotlib_style(self.logger.plot_progress_png)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
