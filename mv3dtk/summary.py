@@ -93,16 +93,25 @@ def _vqa(run_dir: Path, m: dict) -> dict:
             "per_task": {t: {k: v.get(k) for k in (*VQA_METRICS, "n")} for t, v in m.get("per_task", {}).items()}}
 
 
+def _segment(run_dir: Path, m: dict) -> dict:
+    return {"run_dir": run_dir, "metrics": run_dir / "metrics.json", "mean_dice": m.get("mean_dice"),
+            "n_cases": m.get("n_cases"), "fold": m.get("fold"), "init": m.get("init"), "model": m.get("model"),
+            "n_classes": len(m.get("per_class", {}))}
+
+
 def summarize(project_root: str | os.PathLike) -> dict:
     """The summary of the project's latest zero-shot and retrieval runs: keys ``project``,
     ``zeroshot`` and ``retrieve`` (None for a task not run yet), ``loss_plots`` {model: loss.png}
     and ``status`` {task: stage status}. Raises :class:`MissingInputError` when neither ran."""
     project = Project(project_root).require()
-    out: dict = {"project": project.root, "zeroshot": None, "retrieve": None, "vqa": None, "loss_plots": {},
-                 "status": {}}
+    out: dict = {"project": project.root, "zeroshot": None, "retrieve": None, "vqa": None, "segment": None,
+                 "loss_plots": {}, "status": {}}
     vqa_dir = latest_run(project, "vqa-eval")
     if vqa_dir is not None:
         out["vqa"] = _vqa(vqa_dir, _read(vqa_dir / "metrics.json"))
+    seg_dir = latest_run(project, "segment")
+    if seg_dir is not None:
+        out["segment"] = _segment(seg_dir, _read(seg_dir / "metrics.json"))
     for task, read in (("zeroshot", _zeroshot), ("retrieve", _retrieve)):
         run_dir = latest_run(project, task)
         if run_dir is not None:
@@ -111,7 +120,7 @@ def summarize(project_root: str | os.PathLike) -> dict:
             model = out[task]["model"]
             if model and model not in out["loss_plots"]:
                 out["loss_plots"][model] = _loss_plot(model)
-    if out["zeroshot"] is None and out["retrieve"] is None and out["vqa"] is None:
+    if all(out[t] is None for t in ("zeroshot", "retrieve", "vqa", "segment")):
         p = project.root
         raise MissingInputError(f"nothing has been evaluated in {p} yet; run: mv3d -P {p} zeroshot --model "
                                 f"pretrain/<run>/model  and  mv3d -P {p} retrieve --model pretrain/<run>/model "
@@ -180,6 +189,10 @@ def _rows(s: dict) -> list[tuple[str, str, str, str, str]]:
                 chance = VQA_CHANCE.get(task) if k == "accuracy" else None
                 rows.append((f"VQA {task}" if i == 0 else "", VQA_NAMES[k], _f(m[k]),
                              _f(chance) if chance is not None else "", f"{m.get('n')} answers" if i == 0 else ""))
+    if s.get("segment"):
+        g = s["segment"]
+        rows.append(("segmentation", "mean DSC", _f(g["mean_dice"]), "",
+                     f"{g['n_classes']} structures, {g['n_cases']} validation cases (fold {g['fold']}, init {g['init']})"))
     return rows
 
 
@@ -201,6 +214,9 @@ def format_summary(s: dict) -> str:
         v = s["vqa"]
         lines.append(f"{'vqa-eval':<9} run {v['run_dir'].parent.name}: {v['split']}, {v['n_items']} conversations, "
                      f"model {_show(v['model'])}")
+    if s.get("segment"):
+        g = s["segment"]
+        lines.append(f"{'segment':<9} run {g['run_dir'].name}: fold {g['fold']}, model {_show(g['model'])}")
     models = {t["model"] for t in (s["zeroshot"], s["retrieve"]) if t}
     if len(models) > 1:
         lines.append("note: zeroshot and retrieve evaluated different models")
@@ -212,7 +228,8 @@ def format_summary(s: dict) -> str:
     files = [("zero-shot metrics", s["zeroshot"] and s["zeroshot"]["metrics"]),
              ("ROC curves", s["zeroshot"] and s["zeroshot"]["roc"]),
              ("retrieval metrics", s["retrieve"] and s["retrieve"]["metrics"]),
-             ("VQA metrics", s.get("vqa") and s["vqa"]["metrics"])]
+             ("VQA metrics", s.get("vqa") and s["vqa"]["metrics"]),
+             ("segmentation metrics", s.get("segment") and s["segment"]["metrics"])]
     files = [(name, path) for name, path in files + [("pretraining loss", p) for p in s["loss_plots"].values()] if path]
     width = max(len(name) for name, _ in files)
     lines += [f"{name:<{width}}  {_show(path)}" for name, path in files]

@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from mv3dtk.errors import ConfigError
 from mv3dtk.models.factory import get_model_config
-from mv3dtk.models.medvista3d import MedVista3D, load_model
+from mv3dtk.models.medvista3d import load_model
 from mv3dtk.seg.network import (SEG_STRIDES, STU_B_WIDTHS, SegNetwork, UpConv, build_network, check_patch_size,
                                 encoder_config, load_encoder_weights, nearest_valid_patch, total_stride)
-from mv3dtk.testing.tiny_models import make_tiny_bert, seeded
+from mv3dtk.testing.tiny_models import make_tiny_bert, save_tiny_model, seeded
 
 TEXTS = ["Pleural effusion is present.", "No cardiomegaly.", "Emphysema is present in both lungs."] * 4
 NOT_UNIMISS = "segmentation needs a UniMiSS model: pretrain with --backbone unimiss"
@@ -35,27 +35,12 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _save_model(config_name: str, text_dir, directory, seed: int):
-    """A saved mv3d model whose image tower is not at its initialisation (as after pretraining)."""
-    cfg = get_model_config(config_name)
-    cfg["text"] = {"model": str(text_dir), "pooling": "mean", "max_length": 32}
-    model = seeded(seed, lambda: MedVista3D(cfg))
-
-    def perturb():
-        with torch.no_grad():
-            for p in model.image.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-
-    seeded(seed + 1, perturb)
-    return model.save(directory)
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("seg")
     text = make_tiny_bert(root / "bert", TEXTS, vocab_size=120, seed=0)
-    return SimpleNamespace(unimiss=_save_model("unimiss-tiny", text, root / "unimiss", 0),
-                           vit=_save_model("vit-tiny", text, root / "vit", 0), root=root)
+    return SimpleNamespace(unimiss=save_tiny_model(root / "unimiss", "unimiss-tiny", text, 0),
+                           vit=save_tiny_model(root / "vit", "vit-tiny", text, 0), root=root)
 
 
 def _arch(model_dir) -> dict:

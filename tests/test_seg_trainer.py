@@ -67,25 +67,6 @@ def write_raw_dataset(raw_root, dataset_id: int = DATASET, n: int = 5, seed: int
     return folder
 
 
-def _save_model(directory, text_dir, seed: int = 0):
-    """A saved unimiss-tiny mv3d model whose encoder is not at its initialisation (as after pretraining)."""
-    from mv3dtk.models.factory import get_model_config
-    from mv3dtk.models.medvista3d import MedVista3D
-    from mv3dtk.testing.tiny_models import seeded
-
-    cfg = get_model_config("unimiss-tiny")
-    cfg["text"] = {"model": str(text_dir), "pooling": "mean", "max_length": 32}
-    model = seeded(seed, lambda: MedVista3D(cfg))
-
-    def perturb():
-        with torch.no_grad():
-            for p in model.image.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-
-    seeded(seed + 1, perturb)
-    return model.save(directory)
-
-
 @pytest.fixture(scope="module")
 def nn():
     pytest.importorskip("nnunetv2")
@@ -98,11 +79,11 @@ def nn():
 def planned(nn, tmp_path_factory):
     """The tiny dataset planned and preprocessed by nnU-Net, and the variant written (small widths, 2 x 2)."""
     from mv3dtk.seg.plans import plan_and_preprocess
-    from mv3dtk.testing.tiny_models import make_tiny_bert
+    from mv3dtk.testing.tiny_models import make_tiny_bert, save_tiny_model
 
     root = tmp_path_factory.mktemp("segtrain")
     text = make_tiny_bert(root / "bert", TEXTS, vocab_size=120, seed=0)
-    model = _save_model(root / "unimiss", text)
+    model = save_tiny_model(root / "unimiss", "unimiss-tiny", text)
     run = root / "run"
     write_raw_dataset(run / "nnUNet_raw")
     assert plan_and_preprocess(run, DATASET).name == "nnUNetPlans.json"

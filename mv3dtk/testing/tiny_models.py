@@ -177,3 +177,26 @@ def make_tiny_bert(directory: str | Path, texts: Iterable[str], *, hidden: int =
     _write_json(d / SETTINGS_FILE, {"pooling": "mean", "max_length": min(256, max_position),
                                     "trust_remote_code": False, "name": f"tiny-bert-h{hidden}-l{layers}-s{seed}"})
     return d
+
+
+def save_tiny_model(directory: str | Path, config_name: str, text_dir: str | Path, seed: int = 0,
+                    perturb: float = 0.1) -> Path:
+    """A saved mv3d model (``config_name``, e.g. ``unimiss-tiny`` or ``vit-tiny``, with the text tower at
+    ``text_dir``) whose image tower is moved off its initialisation by ``perturb`` x N(0, 1) noise, as after
+    pretraining: code that silently re-initialises it cannot pass for code that loads it."""
+    import torch
+
+    from ..models.factory import get_model_config
+    from ..models.medvista3d import MedVista3D
+
+    cfg = get_model_config(config_name)
+    cfg["text"] = {"model": str(text_dir), "pooling": "mean", "max_length": 32}
+    model = seeded(seed, lambda: MedVista3D(cfg))
+
+    def move():
+        with torch.no_grad():
+            for p in model.image.parameters():
+                p.add_(perturb * torch.randn_like(p))
+
+    seeded(seed + 1, move)
+    return model.save(directory)
