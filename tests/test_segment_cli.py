@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -228,3 +229,69 @@ def test_bad_data_gets_the_fix(seg, finetuned, tmp_path):
     assert res.exit_code != 0 and "nothing to resume" in res.output
     res = _finetune(seg, "--run", "r1")  # a finished run is not overwritten
     assert res.exit_code != 0 and "--resume" in res.output
+
+
+@pytest.mark.nnunet
+def test_nnunets_external_trainer_search_finds_the_trainer():
+    """``nnUNet_extTrainer`` pointed at mv3dtk.seg.nnunet_ext: nnU-Net's own lookup of external trainer folders
+    (the part of ``nnUNetv2_train``'s search that runs after its built-in trainers) returns mv3d's class."""
+    pytest.importorskip("nnunetv2")
+    import mv3dtk.seg.nnunet_ext as ext
+    from mv3dtk.seg.trainer import nnUNetTrainer_mv3d
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    path = ext.__path__[0]
+    found = recursive_find_python_class(path, "nnUNetTrainer_mv3d", None, base_folder=path,
+                                        cleanup_imports_from_base_folder=True)
+    assert found is nnUNetTrainer_mv3d
+
+
+# ---------------------------------------------------------------------------------------------- learning
+LEARN_EPOCHS, LEARN_ITERATIONS = 15, 10  # 150 iterations
+LUNG_BAR = 0.60  # whole left lung (both lobes as one). Measured: 0.713 learnt, 0.186 shuffled (seeded, one thread);
+# the bar leaves room for other CPUs' arithmetic, the control gap is asserted separately
+LEFT_LUNG = (1, 2)  # lung_upper_lobe_left, lung_lower_lobe_left in seg.labels
+
+
+def _train_process(project: Path, name: str, data: Path, seg) -> dict:
+    cmd = [sys.executable, "-m", "mv3dtk", "-P", str(project), "segment-finetune", "--model", str(seg.unimiss),
+           "--data", str(data), "--labels", str(seg.labels), *PATCH, *SMALL, "--epochs", str(LEARN_EPOCHS),
+           "--iterations", str(LEARN_ITERATIONS), "--val-iterations", "1", "--lr", "1e-3", "--device", "cpu",
+           "--run", name, "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    run = project / "segment" / name
+    log = "\n".join(p.read_text() for p in sorted(run.glob("nnUNet_results/*/*/fold_0/training_log_*.txt")))
+    losses = [float(x) for x in re.findall(r"train_loss (-?[\d.]+)", log)]
+    raw = next((run / "nnUNet_raw").glob("Dataset*"))
+    lung = []
+    for case in metrics["per_case"]:
+        pred = np.isin(np.asarray(nib.load(run / "validation" / f"{case}.nii.gz").dataobj), LEFT_LUNG)
+        ref = np.isin(np.asarray(nib.load(raw / "labelsTr" / f"{case}.nii.gz").dataobj), LEFT_LUNG)
+        lung.append(case_dice(pred.astype(np.uint8), ref.astype(np.uint8), [1])[1])
+    return {"metrics": metrics, "losses": losses, "lung": float(np.mean(lung))}
+
+
+@pytest.mark.slow
+@pytest.mark.nnunet
+@pytest.mark.timeout(2400)
+def test_150_iterations_learn_the_lung_and_shuffled_labels_do_not(seg, tmp_path):
+    """5 cases (nnU-Net's fold 0: 4 trained on, 1 validated), 150 iterations, one thread each, side by side with
+    the control: the same run on a copy whose masks were shuffled between cases."""
+    from mv3dtk.data.synth_totalseg import make_synthetic_totalseg
+    from mv3dtk.testing.seg_data import shuffle_totalseg_masks
+
+    data = make_synthetic_totalseg(tmp_path / "ts5", 5).root
+    shuffled = shuffle_totalseg_masks(data, tmp_path / "ts5-shuffled")
+    project = tmp_path / "P"
+    assert _cli(["init", project]).exit_code == 0
+    with ThreadPoolExecutor(2) as pool:
+        learnt, control = pool.map(lambda a: _train_process(project, *a, seg), [("learnt", data),
+                                                                                ("shuffled", shuffled)])
+    first, last = np.mean(learnt["losses"][:2]), np.mean(learnt["losses"][-2:])
+    assert len(learnt["losses"]) == LEARN_EPOCHS
+    assert first - last >= 0.3 * abs(first), f"training loss {first:.3f} -> {last:.3f}: fell less than 30 %"
+    assert learnt["lung"] >= LUNG_BAR, f"left-lung Dice {learnt['lung']:.3f} < {LUNG_BAR}"
+    assert control["lung"] <= learnt["lung"] - 0.25, (learnt["lung"], control["lung"])
+    assert learnt["metrics"]["mean_dice"] > control["metrics"]["mean_dice"] + 0.1

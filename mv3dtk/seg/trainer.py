@@ -25,7 +25,8 @@ What it changes in ``nnUNetTrainer`` (nnunetv2 2.8.1):
   the model folder that prediction loads without unpickling.
 
 :func:`train` drives it through the Python API (never nnU-Net's trainer search, which imports torchvision, broken
-beside a CPU torch). On a GPU box the class can also be found by ``nnUNetv2_train`` through ``nnUNet_extTrainer``.
+beside a CPU torch). On a GPU box the class can also be found by ``nnUNetv2_train`` through ``nnUNet_extTrainer`` pointed at
+:mod:`mv3dtk.seg.nnunet_ext`.
 
 This module imports nnunetv2 (the class subclasses its trainer): import it only where nnU-Net is wanted; a missing
 nnunetv2 raises the ConfigError that names the extra.

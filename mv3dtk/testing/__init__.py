@@ -12,7 +12,9 @@ The test kit around the fixtures (never imported by the product; it needs the ``
 * :mod:`mv3dtk.testing.tiny_models`: a tiny, randomly initialised BERT with a WordPiece vocabulary
   trained on report text, for tests and demos;
 * :mod:`mv3dtk.testing.tiny_llama`: a tiny, randomly initialised Llama-3-style LLM folder (byte-level BPE,
-  chat template, safetensors) for the VQA tests.
+  chat template, safetensors) for the VQA tests;
+* :mod:`mv3dtk.testing.seg_data`: a TotalSegmentator-layout copy with masks shuffled between cases (the
+  control of segmentation learning).
 """
 
 from __future__ import annotations
