@@ -18,6 +18,16 @@ from mv3dtk.train.rsmb import SemanticBank
 HERE = Path(__file__).resolve().parent
 
 
+def close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Equal up to float32 summation order: the gather and DDP add the same terms in another order, which moves
+    an element by a few ulps of the tensor's largest value (measured here up to 2e-7 of it), so elements near 0
+    cannot meet a tight relative tolerance. Any real error (a missing world-size factor, a rank's half ignored)
+    is of the order of the values themselves."""
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=max(1e-7, 2e-6 * scale),
+                               msg=lambda m: f"{what}: {m}")
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
@@ -56,13 +66,13 @@ def test_input_gradients_match_halves(ranks, reference):
         for k in W.LEAVES:
             ref = reference[f"grad_{k}"][r * b:(r + 1) * b]
             assert ref.abs().sum() > 0, k
-            torch.testing.assert_close(res[f"grad_{k}"] / 2, ref, rtol=1e-5, atol=1e-7, msg=k)
+            close(res[f"grad_{k}"] / 2, ref, k)
 
 
 def test_ddp_parameter_gradients_are_exact(ranks, reference):
     for res in ranks:
         for k in ("param_proj.weight", "param_proj.bias", "param_log_scale"):
-            torch.testing.assert_close(res[k], reference[k], rtol=1e-5, atol=1e-7, msg=k)
+            close(res[k], reference[k], k)
 
 
 def test_statements_global_term_is_the_single_process_one(ranks):
@@ -76,9 +86,9 @@ def test_statements_global_term_is_the_single_process_one(ranks):
     for r, res in enumerate(ranks):
         assert int(res["st_texts"]) == 6
         torch.testing.assert_close(res["st_loss"], ref["st_loss"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(res["st_grad_x_g"] / 2, ref["st_grad_x_g"][r * b:(r + 1) * b], rtol=1e-5, atol=1e-7)
+        close(res["st_grad_x_g"] / 2, ref["st_grad_x_g"][r * b:(r + 1) * b], "st_grad_x_g")
         for k in ("st_param_proj.weight", "st_param_proj.bias", "st_param_log_scale"):
-            torch.testing.assert_close(res[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
+            close(res[k], ref[k], k)
 
 
 def test_batchnorm_statistics_span_the_global_batch(ranks):
