@@ -108,8 +108,9 @@ def _prepare(run_dir: Path, model_dir: Path, opts: SegmentOptions, log: logging.
     if opts.data is None:
         raise ConfigError("--data is needed for a new run: the labelled dataset (TotalSegmentator or CT-RATE / "
                           "RadGenome layout)")
-    if (run_dir / "nnUNet_results").is_dir() and any((run_dir / "nnUNet_results").iterdir()):
-        raise ConfigError(f"{run_dir} already holds a training run: continue it with --resume, or pass a new --run")
+    if any((run_dir / "nnUNet_results").rglob("checkpoint_*.pth")):  # an attempt without one simply starts over
+        raise ConfigError(f"{run_dir} already holds a training run with checkpoints: continue it with --resume, or "
+                          "pass a new --run")
     labels = read_label_file(opts.labels)
     check_fold(N_FOLDS, opts.fold)  # its spelling, before the export (the case count is checked after it)
     log.info("exporting %s to nnU-Net's raw format", opts.data)
