@@ -295,3 +295,32 @@ def test_150_iterations_learn_the_lung_and_shuffled_labels_do_not(seg, tmp_path)
     assert learnt["lung"] >= LUNG_BAR, f"left-lung Dice {learnt['lung']:.3f} < {LUNG_BAR}"
     assert control["lung"] <= learnt["lung"] - 0.25, (learnt["lung"], control["lung"])
     assert learnt["metrics"]["mean_dice"] > control["metrics"]["mean_dice"] + 0.1
+
+
+def test_help_shows_the_papers_defaults():
+    """The paper's recipe is the default: lr 5e-5, batch 2, 128^3 patches, 1,000 epochs of 250 iterations, fold 0,
+    the pretrained start, prep's intensities."""
+    out = " ".join(_cli(["segment-finetune", "--help"]).output.split())
+    for shown in ("--lr FLOAT", "[default: 5e-05]", "--batch-size INTEGER RANGE", "[default: 2; x>=1]",
+                  "[default: 128, 128, 128]", "[default: 1000; x>=1]", "[default: 250; x>=1]", "[default: 0]",
+                  "[default: pretrained]", "[default: mv3d]", "STU-Net-B's 32 64 128 256 512 512"):
+        assert shown in out, shown
+
+
+@pytest.mark.nnunet
+def test_prediction_unpickles_nothing(seg, finetuned, tmp_path):
+    """segment-predict's whole path (model folder, nnU-Net's predictor, writing) runs with every unpickler
+    disabled: the model folder is safetensors and JSON."""
+    import pickle
+    from unittest import mock
+
+    from mv3dtk.seg.predict import predict_folder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    with mock.patch.object(torch, "load", refuse), mock.patch.object(pickle, "load", refuse), \
+            mock.patch.object(pickle, "loads", refuse), mock.patch.object(pickle, "Unpickler", refuse):
+        report = predict_folder(finetuned.run / "model", [seg.data / "s0001" / "ct.nii.gz"], tmp_path, device="cpu",
+                                mirroring=False)
+    assert report.written == [tmp_path / "ct.nii.gz"] and not report.skipped
