@@ -24,6 +24,18 @@ def plugin_path(tmp_path, monkeypatch):
     registry.clear_cache()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny models
+    on a busy 2-core box run many times faster on one thread than on two that contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch):
     """No test sees the developer's MV3D_* environment, and the stage cache starts clean."""

@@ -27,12 +27,7 @@ TEXTS = ["Pleural effusion is present.", "No cardiomegaly.", "Emphysema is prese
 NOT_UNIMISS = "segmentation needs a UniMiSS model: pretrain with --backbone unimiss"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

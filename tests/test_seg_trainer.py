@@ -29,12 +29,7 @@ SMALL = (8, 16, 16, 32, 32, 32)  # decoder widths for the tests
 TEXTS = ["Pleural effusion is present.", "No cardiomegaly.", "Emphysema is present in both lungs."] * 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_raw_dataset(raw_root, dataset_id: int = DATASET, n: int = 5, seed: int = 0, slice_first: bool = False):

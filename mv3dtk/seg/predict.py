@@ -88,17 +88,17 @@ class Segmenter:
     """A loaded segmentation model: ``segment(path) -> (labels, properties)``, ``write(labels, properties, out)``.
     ``device``: cpu or cuda. ``mirroring``: nnU-Net's test-time mirroring on the trained axes (its default)."""
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", *, hu_source: str = "auto", mirroring: bool = True,
+    def __init__(self, model_dir: str | Path, device: str | None = None, *, hu_source: str = "auto", mirroring: bool = True,
                  tile_step_size: float = 0.5, exported: bool = False):
         require_nnunet()
-        import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+        from ..eval.encode import resolve_device
         from .trainer import load_exported
 
         if hu_source not in HU_SOURCES:
             raise ConfigError(f"unknown HU source {hu_source!r}; use one of {', '.join(HU_SOURCES)}")
-        dev = torch.device(device)
+        dev = resolve_device(device)  # None: cuda when available
         self.model = load_exported(model_dir, dev)
         self.hu_source = hu_source
         self.exported = exported  # inputs from the model's own export: their intensities are the model's already
@@ -161,7 +161,7 @@ class Segmenter:
 
 
 def predict_folder(model_dir: str | Path, inputs: str | Path | list[str | Path], out_dir: str | Path, *,
-                   device: str = "cpu", hu_source: str = "auto", mirroring: bool = True, overwrite: bool = False,
+                   device: str | None = None, hu_source: str = "auto", mirroring: bool = True, overwrite: bool = False,
                    exported: bool = False, log: logging.Logger | None = None,
                    progress: Callable[[int, int], None] | None = None) -> PredictReport:
     """Segment every volume of ``inputs`` (a folder or a list of files) into ``out_dir/<case>.nii.gz`` with the

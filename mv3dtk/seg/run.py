@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, MissingInputError
+from ..errors import ConfigError, DataError, MissingInputError
 from ..fs import atomic_write_json, read_json
 from .options import SegmentOptions
 
@@ -90,14 +90,6 @@ def validation_cases(run_dir: Path, dataset_id: int, fold: int | str, cases: lis
     if not splits_file.is_file():
         raise MissingInputError(f"no {splits_file}: nnU-Net writes it when training starts; rerun with --resume")
     return sorted(read_json(splits_file)[int(fold)]["val"])
-
-
-def _device(given: str | None) -> str:
-    if given:
-        return given
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _prepare(run_dir: Path, model_dir: Path, opts: SegmentOptions, log: logging.Logger) -> dict[str, Any]:
@@ -163,7 +155,7 @@ def evaluate(run_dir: Path, record: dict[str, Any], device: str, log: logging.Lo
     report = predict_folder(run_dir / "model", images, run_dir / "validation", device=device, exported=True,
                             overwrite=True, log=log)
     if report.skipped:
-        raise ConfigError(f"{len(report.skipped)} validation case(s) could not be segmented: "
+        raise DataError(f"{len(report.skipped)} validation case(s) could not be segmented: "
                           f"{next(iter(report.skipped.values()))}")
     import nibabel as nib
 
@@ -196,7 +188,9 @@ def run_segment_finetune(project_root: str | Path, run_dir: str | Path, opts: Se
         check_patch_size(opts.patch)
         run_dir.mkdir(parents=True, exist_ok=True)
         record = _prepare(run_dir, model_dir, opts, log)
-    device = _device(opts.device)
+    from ..eval.encode import resolve_device
+
+    device = str(resolve_device(opts.device))  # None: cuda when available
     from .trainer import export_weights, train
 
     log.info("training nnUNetTrainer_mv3d, fold %s, on %s", record["fold"], device)

@@ -45,10 +45,6 @@ def command(sctx: StageContext, inputs, out_dir, run_name, model_dir, device, hu
         if found is None:
             raise ConfigError("no segmentation model in the project: run mv3d segment-finetune, or pass --model")
         model = found
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     source = Path(inputs)
     with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's own prints
         report = predict_folder(model, [source] if source.is_file() else source, out_dir, device=device,
